@@ -1,0 +1,1 @@
+"""Persistence: what the server stores on disk and reads back."""

@@ -1,0 +1,378 @@
+"""What is published, and which published model answers a request (SPEC section 6).
+
+A catalogue is an immutable snapshot of the pipelines found on disk; a new publish is picked up
+by building a new snapshot and swapping it in, never by changing one in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelling.archive import UnsafeArchiveError, check_archive
+from modelling.vocabulary import (
+    CURVE_FIT_TRAINERS,
+    FEATURE_GROUPS,
+    OutputType,
+    main_feature,
+    parse_model_name,
+    valid_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class NoModelError(LookupError):
+    """No published model satisfies a request; says what was searched and what exists."""
+
+    def __init__(self, message: str, searched: dict[str, Any], available: list[str]) -> None:
+        super().__init__(message)
+        self.searched = searched
+        self.available = available
+
+
+class FilterError(ValueError):
+    """A ``filter`` string that is not ``key:value;key:value``."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One published model: where its files are and what its metadata says."""
+
+    pipeline: str
+    source: str
+    output_type: str
+    feature_group: str
+    name: str
+    trainer: str
+    node_type: int
+    metadata: dict[str, Any]
+    archive: Path
+    weights: dict[str, Any] | None
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.metadata.get("features") or FEATURE_GROUPS.get(self.feature_group, ()))
+
+    def error(self, key: str) -> float:
+        value = self.metadata.get(key)
+        return float(value) if isinstance(value, int | float) and value >= 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    path: Path
+    metadata: dict[str, Any]
+    node_type_index: dict[str, Any]
+    models: tuple[ModelEntry, ...]
+
+
+@dataclass(frozen=True)
+class ModelQuery:
+    """What a client asks for; the fields of Kepler's model request."""
+
+    metrics: tuple[str, ...]
+    output_type: str
+    source: str = "rapl-sysfs"
+    node_type: int = -1
+    weight: bool = False
+    trainer_name: str = ""
+    filter: str = ""
+    pipeline_name: str = ""
+    loose_node_type: bool = True
+
+
+@dataclass(frozen=True)
+class Selection:
+    entry: ModelEntry
+    node_type_matched: bool
+
+
+def parse_filter(text: str) -> dict[str, str]:
+    """``mae:10;features:a,b`` -> {"mae": "10", "features": "a,b"}."""
+    result: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition(":")
+        if not sep or not key.strip():
+            raise FilterError(f"filter part {part!r} is not key:value")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _passes(entry: ModelEntry, conditions: dict[str, str]) -> bool:
+    for key, bound in conditions.items():
+        if key == "features":
+            if not set(entry.features) <= set(bound.split(",")):
+                return False
+            continue
+        try:
+            limit = float(bound)
+        except ValueError:
+            raise FilterError(f"filter {key}:{bound} needs a number") from None
+        if entry.error(key) > limit:
+            return False
+    return True
+
+
+def curve_weights_usable(entry: ModelEntry, first_metric: str) -> bool:
+    """Kepler feeds every curve its request's first metric; serve only where that is right."""
+    assert entry.weights is not None
+    recorded = entry.metadata.get("curve_features") or {}
+    for component, body in entry.weights.items():
+        if not isinstance(body, dict) or "All_Weights" not in body:
+            continue
+        params = body["All_Weights"].get("CurveFit_Weights") or []
+        if params and params[0] == 0.0:
+            continue  # constant: the feature does not matter
+        feature = recorded.get(component) or main_feature(entry.feature_group, component)
+        if feature != first_metric:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)
+    default_pipeline: str = ""
+    error_key: str = "mae"
+
+    @property
+    def model_count(self) -> int:
+        return sum(len(p.models) for p in self.pipelines.values())
+
+    def candidates(self, query: ModelQuery) -> list[ModelEntry]:
+        """Models of the query's source and output type whose group the metrics support."""
+        groups = set(valid_groups(query.metrics))
+        conditions = parse_filter(query.filter)
+        found = []
+        for pipeline in self._pipelines_for(query):
+            for entry in pipeline.models:
+                if entry.source != query.source or entry.output_type != query.output_type:
+                    continue
+                if entry.feature_group not in groups or not set(entry.features) <= set(
+                    query.metrics
+                ):
+                    continue
+                if query.trainer_name and entry.trainer != query.trainer_name:
+                    continue
+                if query.weight and not self._weight_ok(entry, query):
+                    continue
+                if _passes(entry, conditions):
+                    found.append(entry)
+        return found
+
+    def _weight_ok(self, entry: ModelEntry, query: ModelQuery) -> bool:
+        if entry.weights is None:
+            return False
+        if entry.trainer in CURVE_FIT_TRAINERS:
+            return bool(query.metrics) and curve_weights_usable(entry, query.metrics[0])
+        return True
+
+    def _pipelines_for(self, query: ModelQuery) -> list[Pipeline]:
+        if query.pipeline_name:
+            pipeline = self.pipelines.get(query.pipeline_name)
+            return [pipeline] if pipeline else []
+        preferred = self.pipelines.get(self.default_pipeline)
+        others = [p for n, p in sorted(self.pipelines.items()) if n != self.default_pipeline]
+        return ([preferred] if preferred else []) + others
+
+    def select(self, query: ModelQuery) -> Selection:
+        """The best model for ``query``: requested node type first, else any (when loose)."""
+        found = self.candidates(query)
+        exact = [e for e in found if e.node_type == query.node_type]
+        if exact:
+            return Selection(self._best(exact), True)
+        if found and (query.loose_node_type or query.node_type < 0):
+            return Selection(self._best(found), query.node_type < 0)
+        raise NoModelError(
+            "no published model matches the request",
+            searched=self._describe(query),
+            available=self.available(query.source, query.output_type),
+        )
+
+    def _best(self, entries: list[ModelEntry]) -> ModelEntry:
+        return min(entries, key=lambda e: (e.error(self.error_key), e.name))
+
+    def _describe(self, query: ModelQuery) -> dict[str, Any]:
+        return {
+            "pipeline": query.pipeline_name or "any",
+            "source": query.source,
+            "output_type": query.output_type,
+            "feature_groups": valid_groups(query.metrics),
+            "trainer_name": query.trainer_name or "any",
+            "node_type": query.node_type,
+            "weight": query.weight,
+            "filter": query.filter,
+        }
+
+    def available(self, source: str, output_type: str) -> list[str]:
+        """``pipeline/source/OutputType/group/model`` of every model, for error replies."""
+        return sorted(
+            f"{e.pipeline}/{e.source}/{e.output_type}/{e.feature_group}/{e.name}"
+            for p in self.pipelines.values()
+            for e in p.models
+            if (not source or e.source == source)
+            and (not output_type or e.output_type == output_type)
+        )
+
+    def best_models(
+        self,
+        source: str,
+        output_type: str | None,
+        group: str | None,
+        node_type: int | None,
+        filter_text: str = "",
+    ) -> dict[str, dict[str, str]]:
+        """{output type: {feature group: best model name}}, as ``GET /best-models`` answers."""
+        conditions = parse_filter(filter_text)
+        best: dict[str, dict[str, ModelEntry]] = {}
+        for pipeline in self._pipelines_for(ModelQuery((), output_type or "")):
+            for entry in pipeline.models:
+                if entry.source != source or (output_type and entry.output_type != output_type):
+                    continue
+                if (group and entry.feature_group != group) or (
+                    node_type is not None and node_type >= 0 and entry.node_type != node_type
+                ):
+                    continue
+                if not _passes(entry, conditions):
+                    continue
+                groups = best.setdefault(entry.output_type, {})
+                current = groups.get(entry.feature_group)
+                if current is None or self._best([current, entry]) is entry:
+                    groups[entry.feature_group] = entry
+        return {ot: {g: e.name for g, e in gs.items()} for ot, gs in best.items()}
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Index one pipeline folder: every model zip's metadata and weight JSON, nothing else."""
+    metadata = json.loads((path / "metadata.json").read_text())
+    index_file = path / "node_type_index.json"
+    node_type_index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    name = str(metadata.get("name") or path.name)
+    models = []
+    for archive in sorted(path.glob("*/*/*/*.zip")):
+        entry = _load_entry(name, archive)
+        if entry is not None:
+            models.append(entry)
+    return Pipeline(name, path, metadata, node_type_index, tuple(models))
+
+
+def _load_entry(pipeline: str, archive: Path) -> ModelEntry | None:
+    group_dir = archive.parent
+    output_type = group_dir.parent.name
+    source = group_dir.parent.parent.name
+    try:
+        trainer, node_type = parse_model_name(archive.stem)
+        with zipfile.ZipFile(archive) as handle:
+            check_archive(handle, allow_pickles=True)
+            metadata = json.loads(handle.read("metadata.json"))
+        weight_file = archive.with_suffix(".json")
+        weights = json.loads(weight_file.read_text()) if weight_file.is_file() else None
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile, UnsafeArchiveError) as exc:
+        logger.warning("skipping model %s: %s", archive, exc)
+        return None
+    if output_type not in {o.value for o in OutputType}:
+        logger.warning("skipping model %s: unknown output type folder %s", archive, output_type)
+        return None
+    return ModelEntry(
+        pipeline,
+        source,
+        output_type,
+        group_dir.name,
+        archive.stem,
+        trainer,
+        node_type,
+        metadata,
+        archive,
+        weights,
+    )
+
+
+def scan(
+    model_paths: Iterable[Path], default_pipeline: str = "", error_key: str = "mae"
+) -> Catalogue:
+    """A catalogue of every pipeline folder (one holding metadata.json) under the paths."""
+    pipelines: dict[str, Pipeline] = {}
+    for root in model_paths:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".") or not (path / "metadata.json").is_file():
+                continue
+            try:
+                pipeline = load_pipeline(path)
+            except (OSError, ValueError) as exc:
+                logger.warning("skipping pipeline %s: %s", path, exc)
+                continue
+            pipelines.setdefault(pipeline.name, pipeline)
+    return Catalogue(pipelines, default_pipeline, error_key)
+
+
+def fingerprint(model_paths: Iterable[Path]) -> tuple[tuple[str, str], ...]:
+    """Cheap summary that changes whenever a pipeline is published, switched or removed."""
+    marks = []
+    for root in model_paths:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            if path.name.startswith("."):
+                continue
+            metadata = path / "metadata.json"
+            if path.is_symlink():
+                marks.append((str(path), str(path.readlink())))
+            elif metadata.is_file():
+                marks.append((str(path), str(metadata.stat().st_mtime_ns)))
+    return tuple(marks)
+
+
+class LiveCatalogue:
+    """The current catalogue, rebuilt when the published pipelines change on disk.
+
+    Checking costs a directory listing, done at most once per ``min_interval`` seconds; a
+    rebuilt catalogue replaces the old one in a single assignment, so readers never see a
+    half-built one.
+    """
+
+    def __init__(
+        self,
+        model_paths: list[Path],
+        default_pipeline: str = "",
+        error_key: str = "mae",
+        min_interval: float = 1.0,
+    ) -> None:
+        self.model_paths = model_paths
+        self.default_pipeline = default_pipeline
+        self.error_key = error_key
+        self.min_interval = min_interval
+        self._checked = 0.0
+        self._mark: tuple[tuple[str, str], ...] = ()
+        self._catalogue = Catalogue(error_key=error_key)
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> Catalogue:
+        now = time.monotonic()
+        if not force and now - self._checked < self.min_interval:
+            return self._catalogue
+        self._checked = now
+        mark = fingerprint(self.model_paths)
+        if force or mark != self._mark:
+            self._catalogue = scan(self.model_paths, self.default_pipeline, self.error_key)
+            self._mark = mark
+            logger.info(
+                "catalogue loaded: %d pipelines, %d models",
+                len(self._catalogue.pipelines),
+                self._catalogue.model_count,
+            )
+        return self._catalogue
+
+    def current(self) -> Catalogue:
+        return self.refresh()
