@@ -1,0 +1,3 @@
+from kepler_model.cli import main
+
+main()
