@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     initial_pipeline_url: str = ""
     error_key: str = "mae"
 
+    model_server_max_body_bytes: int = 4 * 1024 * 1024
+
     train_api_host: str = "0.0.0.0"
     train_api_port: int = 8102
     train_max_body_bytes: int = 512 * 1024 * 1024
@@ -103,8 +105,13 @@ class Settings(BaseSettings):
     prom_query_step: int = 3
     prom_ssl_disable: bool = False
     prom_thirdparty_metrics: str = ""
+    prom_bearer_token: SecretStr = SecretStr("")
+    prom_username: str = ""
+    prom_password: SecretStr = SecretStr("")
+    prom_query_timeout: float = 60.0
     sampling_interval: int = 300
     data_retention: str = "7d"
+    training_window: str = "1d"
 
     task_runner: str = Field(default="thread", pattern="^(thread|dask)$")
     dask_address: str = ""

@@ -139,7 +139,10 @@ def _write_dump(dump: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
-def _run_training(settings: Settings, request: TrainRequest, folder: Path) -> tuple[Any, str]:
+def _run_training(
+    settings: Settings, request: TrainRequest, folder: Path
+) -> tuple[dict[str, Any], str]:
+    """Run the flow (blocking: called in a worker thread); its report and flow run id."""
     workload = _write_dump(request.prom_response, folder / "workload.json")
     idle_dump = request.trainer.idle_prom_response
     idle = _write_dump(idle_dump, folder / "idle.json") if idle_dump else None
@@ -159,7 +162,8 @@ def _run_training(settings: Settings, request: TrainRequest, folder: Path) -> tu
         machine_spec=request.machine_spec,
         return_state=True,
     )
-    return state, str(state.state_details.flow_run_id)
+    run_id = str(state.state_details.flow_run_id)
+    return _flow_report(state, run_id), run_id
 
 
 async def train(request: Request) -> Response:
@@ -174,10 +178,9 @@ async def train(request: Request) -> Response:
         if lock.locked():
             raise HTTPException(409, f"pipeline {body.name} is already being trained")
         async with lock:
-            state, run_id = await anyio.to_thread.run_sync(
+            report, run_id = await anyio.to_thread.run_sync(
                 partial(_run_training, settings, body, folder)
             )
-    report = _flow_report(state, run_id)
     if not report.get("path"):
         return JSONResponse(
             {"error": "no model could be trained from this data", "report": report},
