@@ -1,11 +1,12 @@
 """Estimator latency and throughput over a real Unix socket, beside in-process predict time.
 
-    python benchmarks/estimator.py [--requests 200] [--seconds 3]
+    python benchmarks/estimator.py [--requests 500] [--seconds 3]
 
 A GradientBoosting and an SGD model (CounterOnly, AbsPower) are fitted on synthetic rows of
 realistic magnitude and published into a temporary MODEL_PATH; the estimator runs in its own
 process through ``run_estimator``, as in production, and this process is the client (one
-connection per request, as Kepler does).
+connection per request, as Kepler does). Client and server share the machine's CPUs, so the
+load average is printed beside the figures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 # estimator package; the repository goes first instead.
 sys.path.insert(0, str(REPO))
 
-from estimator.models import ModelProvider  # noqa: E402
-from estimator.protocol import KEPLER_READ_BYTES, parse_request  # noqa: E402
+from estimator.models import ModelProvider, core_ratio  # noqa: E402
+from estimator.protocol import KEPLER_READ_BYTES, EstimationReply, parse_request  # noqa: E402
 from estimator.server import estimate  # noqa: E402
 from kepler_model.settings import Settings  # noqa: E402
+from modelling.power_model import PowerModel  # noqa: E402
 from modelling.trainers import make_trainer  # noqa: E402
 from modelling.training import TrainingSet, train_model  # noqa: E402
 from storage.pipelines import PublishedModel, publish  # noqa: E402
@@ -44,7 +47,7 @@ ROW_COUNTS = (1, 100, 500)
 SERVER_SCRIPT = (
     "import logging, sys; from pathlib import Path; "
     "from estimator.server import run_estimator; from kepler_model.settings import Settings; "
-    "logging.basicConfig(level=logging.WARNING); "
+    "logging.basicConfig(level=logging.ERROR); "
     "run_estimator(Settings(estimator_socket=Path(sys.argv[1]), model_path=Path(sys.argv[2])))"
 )
 
@@ -144,8 +147,7 @@ def throughput(path: Path, body: bytes, clients: int, seconds: float) -> float:
     return sum(counts) / (time.monotonic() - started)
 
 
-def in_process_ms(function: object, repeat: int) -> float:
-    assert callable(function)
+def in_process_ms(function: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -155,18 +157,19 @@ def in_process_ms(function: object, repeat: int) -> float:
 
 
 def rows_fitting(provider: ModelProvider, trainer: str, rng: np.random.Generator) -> int:
+    """The largest row count whose reply fits in one Kepler read."""
     rows = synthetic_rows(2000, rng)
-    fits = 0
-    for count in range(1, 2000):
-        if len(estimate(request_body(rows[:count], trainer), provider, 1)) > KEPLER_READ_BYTES:
-            break
-        fits = count
-    return fits
+    low, high = 0, len(rows)
+    while low < high:
+        middle = (low + high + 1) // 2
+        fits = len(estimate(request_body(rows[:middle], trainer), provider, 1)) <= KEPLER_READ_BYTES
+        low, high = (middle, high) if fits else (low, middle - 1)
+    return low
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="requests per latency figure")
+    parser.add_argument("--requests", type=int, default=500, help="requests per latency figure")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of a throughput run")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -187,28 +190,22 @@ def run(
     path: Path, provider: ModelProvider, args: argparse.Namespace, rng: np.random.Generator
 ) -> None:
     print(f"estimator benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print(f"{args.requests} requests per latency figure, one connection per request\n")
+    print(f"{args.requests} requests per latency figure, one connection per request")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
     header = (
-        f"{'model':<17}{'rows':>5}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'predict ms':>12}{'in-proc ms':>12}{'reply B':>9}"
+        f"{'model':<17}{'rows':>5}{'p50 ms':>8}{'p99 ms':>8}{'generic':>9}{'predict':>9}"
+        f"{'+encode':>9}{'in-proc':>9}{'p99/+enc':>9}{'reply B':>8}"
     )
     print(header)
     print("-" * len(header))
     for trainer in TRAINERS:
         for count in ROW_COUNTS:
-            rows = synthetic_rows(count, rng)
-            body = request_body(rows, trainer)
-            ask(path, body)  # load the model
-            times = latencies(path, body, args.requests)
-            model = provider.model_for(parse_request(body).model_query())
-            predict = in_process_ms(lambda m=model, r=rows: m.predict(r), 50)
-            whole = in_process_ms(lambda b=body: estimate(b, provider, 1), 50)
-            print(
-                f"{trainer.removesuffix('RegressorTrainer'):<17}{count:>5}"
-                f"{percentile(times, 50):>9.2f}{percentile(times, 99):>9.2f}"
-                f"{predict:>12.3f}{whole:>12.3f}{len(ask(path, body)):>9}"
-            )
-    print("\npredict ms: PowerModel.predict alone; in-proc ms: parse + validate + predict + encode")
+            print(latency_line(path, provider, trainer, synthetic_rows(count, rng), args.requests))
+    print(
+        "\ngeneric: PowerModel.predict, component by component; predict: the estimator's "
+        "evaluation\n(trees of all components walked together); +encode: predict and the reply "
+        "bytes;\nin-proc: parse, validate, look up, predict and encode, as the server does"
+    )
     print("\nthroughput, 100 rows per request:")
     for trainer in TRAINERS:
         body = request_body(synthetic_rows(100, rng), trainer)
@@ -218,6 +215,32 @@ def run(
     print(f"\nrows whose 4-component reply fits in {KEPLER_READ_BYTES} bytes (values ~40-160 W):")
     for trainer in TRAINERS:
         print(f"  {trainer:<34} {rows_fitting(provider, trainer, rng)}")
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+
+
+def latency_line(
+    path: Path, provider: ModelProvider, trainer: str, rows: np.ndarray, requests: int
+) -> str:
+    body = request_body(rows, trainer)
+    ask(path, body)  # load the model
+    times = latencies(path, body, requests)
+    model = provider.model_for(parse_request(body).model_query())
+    generic = PowerModel(model.name, model.features, model.scale, model.components)
+    ratio = core_ratio(model, os.cpu_count() or 1)
+
+    def encoded() -> bytes:
+        return EstimationReply.from_powers(model.predict(rows), ratio).encode()
+
+    predict = in_process_ms(lambda: model.predict(rows), 50)
+    with_encoding = in_process_ms(encoded, 50)
+    p99 = percentile(times, 99)
+    return (
+        f"{trainer.removesuffix('RegressorTrainer'):<17}{len(rows):>5}"
+        f"{percentile(times, 50):>8.2f}{p99:>8.2f}"
+        f"{in_process_ms(lambda: generic.predict(rows), 50):>9.3f}{predict:>9.3f}"
+        f"{with_encoding:>9.3f}{in_process_ms(lambda: estimate(body, provider, 1), 50):>9.3f}"
+        f"{p99 / with_encoding:>9.1f}{len(ask(path, body)):>8}"
+    )
 
 
 if __name__ == "__main__":

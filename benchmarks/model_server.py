@@ -3,7 +3,9 @@
 The server runs in its own process (``run_model_server``, as deployed), so that the clients'
 work does not share its interpreter. Each scenario sends a bounded number of Kepler-shaped
 requests from 1 and from 8 concurrent clients (threads, one keep-alive connection each) and
-prints p50/p99 latency and requests per second.
+prints p50/p99 latency, requests per second and the server's CPU time per request (from
+/proc, Linux only). Latency and throughput depend on what else the machine runs; CPU time per
+request hardly does, so it is the figure to compare between changes on a busy machine.
 
     python benchmarks/model_server.py [--requests 2000] [--model-path tests/data/model-db]
 """
@@ -11,6 +13,7 @@ prints p50/p99 latency and requests per second.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -48,14 +51,23 @@ class Figures:
     seconds: float
     latencies: list[float]
     reply_bytes: int
+    server_cpu_seconds: float
 
     def line(self, name: str, clients: int) -> str:
         cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
         return (
-            f"{name:<32} clients={clients}  n={self.requests:<5} "
-            f"p50={cuts[49] * 1e3:6.2f} ms  p99={cuts[98] * 1e3:6.2f} ms  "
-            f"{self.requests / self.seconds:7.0f} req/s  reply={self.reply_bytes} B"
+            f"{name:<30} clients={clients}  n={self.requests:<5} "
+            f"p50={cuts[49] * 1e3:5.2f} ms  p99={cuts[98] * 1e3:6.2f} ms  "
+            f"{self.requests / self.seconds:5.0f} req/s  "
+            f"server CPU {self.server_cpu_seconds / self.requests * 1e6:4.0f} us/req  "
+            f"reply={self.reply_bytes} B"
         )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -106,15 +118,17 @@ def client_run(url: str, body: dict[str, Any], count: int) -> tuple[list[float],
     return latencies, size
 
 
-def measure(url: str, body: dict[str, Any], clients: int, total: int) -> Figures:
+def measure(url: str, pid: int, body: dict[str, Any], clients: int, total: int) -> Figures:
     per_client = max(1, total // clients)
     client_run(url, body, 20)  # warm up: connections, catalogue, page cache
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda _: client_run(url, body, per_client), range(clients)))
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu_before
     latencies = [t for run, _ in results for t in run]
-    return Figures(len(latencies), seconds, latencies, results[0][1])
+    return Figures(len(latencies), seconds, latencies, results[0][1], cpu)
 
 
 def main() -> None:
@@ -134,7 +148,8 @@ def main() -> None:
         print(f"model server on {url}, models from {args.model_path}")
         for name, body in SCENARIOS.items():
             for clients in (1, 8):
-                print(measure(url, body, clients, args.requests).line(name, clients))
+                figures = measure(url, server.pid, body, clients, args.requests)
+                print(figures.line(name, clients))
     finally:
         server.terminate()
         server.wait(timeout=10)

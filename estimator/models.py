@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from urllib.request import url2pathname
 import httpx
 import numpy as np
 
+from estimator.evaluation import ServingModel
 from estimator.protocol import EstimatorError, RequestError
 from kepler_model.settings import Settings
 from modelling.archive import UnsafeArchiveError, read_archive_json_members
@@ -34,6 +36,7 @@ from modelling.components import (
     LinearComponent,
     ModelFileError,
 )
+from modelling.machine_spec import MachineSpec
 from modelling.power_model import PowerModel
 from modelling.vocabulary import (
     OutputType,
@@ -211,7 +214,10 @@ class ModelProvider:
         clock: Callable[[], float] = time.monotonic,
         remote_ttl: float = 300.0,
         refresh_seconds: float = 1.0,
+        machine_spec: MachineSpec | None = None,
     ) -> None:
+        # This machine's spec: published models of the node type closest to it come first.
+        self._machine_spec = machine_spec
         self._live = LiveCatalogue(
             [settings.model_path],
             settings.default_pipeline,
@@ -236,6 +242,9 @@ class ModelProvider:
         self._fetch_lock = threading.Lock()
         self._ranked_from: Catalogue | None = None
         self._ranked: dict[ModelQuery, tuple[ModelEntry, ...]] = {}
+        self._chosen: dict[ModelQuery, PowerModel] = {}
+        self._refresh_seconds = refresh_seconds
+        self._catalogue_checked = -math.inf
         self._loaded: dict[tuple[Any, ...], PowerModel] = {}
         self._unloadable: dict[tuple[Any, ...], str] = {}
         self._fetched: dict[Hashable, tuple[PowerModel, float]] = {}
@@ -246,6 +255,7 @@ class ModelProvider:
 
     def model_for(self, query: ModelQuery) -> PowerModel:
         """The best model for ``query``, trying each acquisition route in the SPEC's order."""
+        query = self._for_this_machine(query)
         routes = [self._from_disk]
         if self._server_enabled:
             routes.append(self._from_model_server)
@@ -258,18 +268,43 @@ class ModelProvider:
                 reasons.append(str(exc))
         raise ModelUnavailableError("; ".join(reasons))
 
+    def cached(self, query: ModelQuery) -> PowerModel | None:
+        """What ``model_for`` would return, when that needs neither disk nor network; else None.
+
+        That is a published model already loaded for ``query``, while the catalogue was last
+        checked for new publishes less than ``refresh_seconds`` ago.
+        """
+        if self._clock() - self._catalogue_checked >= self._refresh_seconds:
+            return None
+        return self._chosen.get(self._for_this_machine(query))
+
+    def _for_this_machine(self, query: ModelQuery) -> ModelQuery:
+        if query.machine_spec is None and self._machine_spec is not None:
+            return replace(query, machine_spec=self._machine_spec)
+        return query
+
     # Published models on disk.
 
     def _from_disk(self, query: ModelQuery) -> PowerModel:
         catalogue, ranked = self._ranked_entries(query)
+        # Until the catalogue changes, a query gets the model it got last time: checking the
+        # archive again (resolve and stat) took half the time of a cheap model's request.
+        chosen = self._chosen.get(query)
+        if chosen is not None:
+            return chosen
         if not ranked:
             raise ModelUnavailableError(describe_missing(catalogue, query, self._model_path))
         reasons = []
         for entry in ranked:
             try:
-                return self._load_entry(entry, catalogue)
+                model = self._load_entry(entry, catalogue)
             except ModelFileError as exc:
                 reasons.append(f"{entry.name}: {exc}")
+                continue
+            with self._lock:
+                if catalogue is self._ranked_from:
+                    remember(self._chosen, query, model)
+            return model
         raise ModelUnavailableError(
             f"{len(ranked)} published model(s) fit but none loads; {reasons[0]}"
         )
@@ -277,17 +312,18 @@ class ModelProvider:
     def _ranked_entries(self, query: ModelQuery) -> tuple[Catalogue, tuple[ModelEntry, ...]]:
         with self._lock:
             catalogue = self._live.current()
+            self._catalogue_checked = self._clock()
             if catalogue is not self._ranked_from:
-                self._ranked_from, self._ranked = catalogue, {}
+                self._ranked_from, self._ranked, self._chosen = catalogue, {}, {}
             ranked = self._ranked.get(query)
         if ranked is not None:
             return catalogue, ranked
         try:
-            found = catalogue.candidates(query)
+            # The order Catalogue.select picks from; the next ones stand in when the best won't
+            # load.
+            ranked = tuple(catalogue.ranked(query))
         except FilterError as exc:
             raise RequestError(f"bad filter {query.filter!r}: {exc}") from None
-        # The order Catalogue.select picks from; the next ones stand in when the best won't load.
-        ranked = tuple(sorted(found, key=lambda e: (e.error(catalogue.error_key), e.name)))
         with self._lock:
             if catalogue is self._ranked_from:
                 remember(self._ranked, query, ranked)
@@ -317,7 +353,7 @@ class ModelProvider:
         self, entry: ModelEntry, archive: Path, catalogue: Catalogue, key: tuple[Any, ...]
     ) -> PowerModel:
         try:
-            model = read_entry(entry, archive, catalogue)
+            model = ServingModel.of(read_entry(entry, archive, catalogue))
         except (ModelFileError, UnsafeArchiveError, OSError) as exc:
             logger.warning("cannot load model %s: %s", archive, exc)
             remember(self._unloadable, key, str(exc))
@@ -358,6 +394,7 @@ class ModelProvider:
             "filter": query.filter,
             "weight": weight,
             "node_type": -1,
+            "machine_spec": query.machine_spec.to_dict() if query.machine_spec else None,
         }
         url = f"{self._server_url}/model"
         try:
@@ -421,7 +458,7 @@ class ModelProvider:
         cached: tuple[PowerModel, float] | None,
     ) -> PowerModel:
         try:
-            model = fetch()
+            model = ServingModel.of(fetch())
         except (DownloadError, ModelFileError, UnsafeArchiveError, ValueError) as exc:
             if backoff.failed(str(exc), self._clock()):
                 logger.warning("%s: %s; retrying with backoff", label, exc)

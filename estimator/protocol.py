@@ -7,23 +7,25 @@ following the JSON structure, and replies are encoded as tightly as valid JSON a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    Strict,
     StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,11 +39,13 @@ MAX_NESTING = 32
 MAX_MESSAGE_CHARS = 1000
 MAX_REPORTED_PROBLEMS = 3
 
-_OUTSIDE_STRING = re.compile(rb'[{}\[\]"]')
+# Only braces and quotes matter for where the object ends: a request's bulk, the ``values``
+# rows, holds neither, so one regular-expression search skips all of it.
+_OUTSIDE_STRING = re.compile(rb'[{}"]')
 _INSIDE_STRING = re.compile(rb'["\\]')
 _NOT_SPACE = re.compile(rb"[^ \t\r\n]")
 _QUOTE, _BACKSLASH, _OPEN_BRACE = ord('"'), ord("\\"), ord("{")
-_OPENERS = frozenset(b"{[")
+_JSON_BOOLEANS = (b"true", b"false")
 
 
 class EstimatorError(Exception):
@@ -62,9 +66,11 @@ class RequestError(EstimatorError):
 class RequestFramer:
     """Finds where the single JSON object of a request ends, whatever the chunking.
 
-    It follows strings (with their escapes) and bracket depth over the raw bytes; UTF-8
+    It follows strings (with their escapes) and brace depth over the raw bytes; UTF-8
     continuation bytes never look like JSON punctuation, so a chunk may end anywhere, even in
-    the middle of a character. Validity is left to the JSON decoder once the object is closed.
+    the middle of a character. Brackets are not counted: in valid JSON the closing brace of
+    the object is the end whatever they do, and validity is left to the JSON decoder once the
+    object is closed.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -116,7 +122,7 @@ class RequestFramer:
             self._position = index + 1
             if byte == _QUOTE:
                 self._in_string = not self._in_string
-            elif byte in _OPENERS:
+            elif byte == _OPEN_BRACE:
                 self._enter()
             else:
                 self._depth -= 1
@@ -137,20 +143,81 @@ class RequestFramer:
     def _enter(self) -> None:
         self._depth += 1
         if self._depth > MAX_NESTING:
-            raise RequestError(f"request nests deeper than {MAX_NESTING} levels")
+            raise RequestError(f"request nests objects deeper than {MAX_NESTING} levels")
 
 
-Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+def value_matrix(values: Any, booleans: bool = True) -> np.ndarray:
+    """``values`` as a read-only float matrix, one row per entry; ValueError names a bad entry.
+
+    numpy reads the common case, rows of JSON numbers, in one call; only a request that
+    numpy cannot read as a numeric matrix is walked entry by entry, to say what is wrong.
+    numpy would turn JSON ``true`` into 1.0, so rows are searched for booleans unless the
+    caller knows there are none (``booleans=False``).
+    """
+    matrix = _numeric_matrix(values)
+    if matrix is None or (booleans and _holds_booleans(values)):
+        matrix = _checked_matrix(values)
+    finite = np.isfinite(matrix)
+    if not finite.all():
+        row, column = np.argwhere(~finite)[0]
+        raise ValueError(f"row {row}, column {column} is not a finite number")
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _numeric_matrix(values: Any) -> np.ndarray | None:
+    if not isinstance(values, list):
+        return None
+    if not values:
+        return np.empty((0, 0))
+    try:
+        matrix = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        return None  # rows of different widths, mostly
+    if matrix.ndim != 2 or matrix.dtype.kind not in "if":
+        return None
+    return matrix.astype(float, copy=False)
+
+
+def _holds_booleans(values: list[Any]) -> bool:
+    return bool in set(map(type, chain.from_iterable(values)))
+
+
+def _checked_matrix(values: Any) -> np.ndarray:
+    if not isinstance(values, list):
+        raise ValueError("must be a list of rows, each a list of numbers")
+    width = len(values[0]) if values and isinstance(values[0], list) else 0
+    for index, row in enumerate(values):
+        if not isinstance(row, list):
+            raise ValueError(f"row {index} is not a list of numbers")
+        if len(row) != width:
+            raise ValueError(f"row {index} has {len(row)} column(s) where row 0 has {width}")
+        for column, value in enumerate(row):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"row {index}, column {column} is not a number: {value!r:.40}")
+    try:
+        return np.array(values, dtype=float).reshape(len(values), -1)
+    except OverflowError:
+        raise ValueError("holds a number too large for a float") from None
+
+
+def _validated_values(values: Any, info: ValidationInfo) -> np.ndarray:
+    """``value_matrix``; parse_request says, in the context, whether booleans may be present."""
+    context = info.context or {}
+    return value_matrix(values, booleans=context.get("booleans", True))
+
+
+ValueMatrix = Annotated[np.ndarray, BeforeValidator(_validated_values)]
 SystemValue = StrictStr | StrictInt | StrictFloat | None
 
 
 class EstimationRequest(BaseModel):
     """Kepler's request: one row of ``values`` per process, container or node."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
 
     metrics: list[StrictStr]
-    values: list[list[Number]]
+    values: ValueMatrix
     output_type: OutputType
     source: StrictStr = Field(default="", validate_default=True)
     system_features: list[StrictStr] = []
@@ -168,12 +235,11 @@ class EstimationRequest(BaseModel):
         if len(set(self.metrics)) != len(self.metrics):
             twice = sorted({m for m in self.metrics if self.metrics.count(m) > 1})
             raise ValueError(f"metrics lists {', '.join(twice)} more than once")
-        for index, row in enumerate(self.values):
-            if len(row) != len(self.metrics):
-                raise ValueError(
-                    f"values row {index} has {len(row)} column(s) but metrics names "
-                    f"{len(self.metrics)}"
-                )
+        rows, width = self.values.shape
+        if rows and width != len(self.metrics):
+            raise ValueError(
+                f"values row 0 has {width} column(s) but metrics names {len(self.metrics)}"
+            )
         if len(self.system_values) != len(self.system_features):
             raise ValueError(
                 f"system_values has {len(self.system_values)} entries but system_features "
@@ -208,7 +274,9 @@ class EstimationRequest(BaseModel):
         missing = [f for f in features if f not in columns and f not in constants]
         if missing:
             raise RequestError(f"the model needs features the request lacks: {', '.join(missing)}")
-        values = np.asarray(self.values, dtype=float).reshape(len(self.values), len(self.metrics))
+        values = self.values.reshape(len(self.values), len(self.metrics))
+        if tuple(features) == tuple(self.metrics):
+            return values
         rows = np.empty((values.shape[0], len(features)), dtype=float)
         for index, feature in enumerate(features):
             if feature in columns:
@@ -231,15 +299,14 @@ def _as_number(value: str | int | float | None) -> float | None:
 def parse_request(body: bytes) -> EstimationRequest:
     """Decode and validate one request; every problem becomes a RequestError naming it."""
     try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"request is not UTF-8: {exc}") from None
-    except ValueError as exc:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
         raise RequestError(f"request is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError("request must be a JSON object")
+    booleans = any(token in body for token in _JSON_BOOLEANS)
     try:
-        return EstimationRequest.model_validate(data)
+        return EstimationRequest.model_validate(data, context={"booleans": booleans})
     except ValidationError as exc:
         raise RequestError(f"invalid request: {describe_problems(exc)}") from None
 
@@ -291,10 +358,16 @@ class EstimationReply:
 
     def encode(self) -> bytes:
         body = {"powers": self.powers, "msg": self.msg, "core_ratio": round(self.core_ratio, 6)}
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        return orjson.dumps(body)
 
 
 def compact_watts(watts: np.ndarray) -> list[float | int]:
     """Watts rounded to 1 mW; whole numbers written without ``.0`` to save reply bytes."""
     rounded = np.round(np.asarray(watts, dtype=float), WATT_DECIMALS) + 0.0  # no -0.0
-    return [int(v) if v.is_integer() and abs(v) < 1e15 else v for v in rounded.tolist()]
+    whole = (rounded == np.trunc(rounded)) & (np.abs(rounded) < 1e15)
+    if whole.all():
+        return rounded.astype(np.int64).tolist()
+    values: list[float | int] = rounded.tolist()
+    for index in np.flatnonzero(whole).tolist():
+        values[index] = int(values[index])
+    return values

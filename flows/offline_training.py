@@ -1,27 +1,36 @@
-"""offline-training: a saved Prometheus dump in, a published pipeline out."""
+"""offline-training: a saved Prometheus dump in, a published pipeline out.
+
+Every (trainer, feature group, output type, node type) is one ``fit_model`` task, mapped over
+the flow's task runner: threads by default, Dask when the caller passes
+``make_task_runner("dask", address)`` through ``with_options``. A fit that fails, or a task
+that crashes, becomes a failure with its reason in the flow's result; the other models are
+published.
+"""
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 
+from flows.leaderboard import publish_leaderboard, record_results
 from flows.tasks import (
-    FitResult,
     TrainingReport,
     extract_features,
-    fit_model,
+    fit_all,
     ingest_dump,
+    isolation_arguments,
     load_samples,
+    node_type_of_instances,
     plan_fits,
     publish_models,
-    run_logger,
+    published_node_type_index,
+    resolve_node_types,
 )
-from modelling.isolate import make_isolator
+from modelling.isolate import isolator_name
 from modelling.vocabulary import normalise_source
 
 DEFAULT_TRAINERS = ["SGDRegressorTrainer", "GradientBoostingRegressorTrainer"]
@@ -42,10 +51,17 @@ def offline_training(
     node_type: int = 0,
     machine_spec: dict[str, Any] | None = None,
     thirdparty_metrics: list[str] | None = None,
+    node_type_index: dict[str, Any] | None = None,
+    error_key: str = "mae",
 ) -> dict[str, Any]:
-    """Ingest the dump, extract, isolate, fit every trainer and publish the pipeline."""
+    """Ingest the dump, extract, isolate, fit every trainer and publish the pipeline.
+
+    ``node_type_index`` (the published file's shape) assigns Prometheus instances to node
+    types by its ``members``; instances it does not list are of ``node_type``. The best model
+    per feature group, output type and node type is the one lowest in ``error_key``.
+    """
     source = normalise_source(energy_source)
-    isolator_name = make_isolator(isolator, **(isolator_args or {})).name
+    isolator_label = isolator_name(isolator)
     report = TrainingReport(pipeline=pipeline)
 
     loads = [ingest_dump(Path(db_path), Path(input))]
@@ -59,58 +75,47 @@ def offline_training(
     report.skipped_groups = dict(extraction.skipped_groups)
     report.mappings = dict(extraction.mappings)
 
+    instances = sorted(extraction.node["instance"].unique())
+    node_type, machine_spec, node_type_index = resolve_node_types(
+        Path(model_path) / pipeline, instances, node_type, machine_spec, node_type_index
+    )
+    isolator_args = isolation_arguments(
+        isolator,
+        isolator_args or {},
+        idle,
+        source,
+        node_type,
+        node_type_index,
+        abs_trainers or DEFAULT_TRAINERS,
+    )
     jobs = plan_fits(
         extraction,
         abs_trainers or DEFAULT_TRAINERS,
         dyn_trainers or DEFAULT_TRAINERS,
         isolator,
-        isolator_args or {},
+        isolator_args,
         node_type,
         machine_spec,
+        node_type_index,
     )
-    results = [future.result() for future in fit_model.map(jobs)]
-    _record_results(report, results)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    results = fit_all(jobs)
+    report.timings["fan_out_seconds"] = round(time.perf_counter() - started, 4)
+    report.timings["fan_out_cpu_seconds"] = round(time.process_time() - cpu_started, 4)
+    record_results(report, results, error_key)
 
     metadata = {
-        "isolator": isolator_name,
+        "isolator": isolator_label,
         "extractor": "default",
         "abs_trainers": abs_trainers or DEFAULT_TRAINERS,
         "dyn_trainers": dyn_trainers or DEFAULT_TRAINERS,
         "data_window": {"start": start, "end": end},
         "feature_mappings": report.mappings,
+        "error_key": error_key,
     }
-    index = {str(node_type): {"attrs": machine_spec or {}, "members": []}}
+    assigned = node_type_of_instances(instances, node_type, node_type_index)
+    index = published_node_type_index(assigned, node_type_index, node_type, machine_spec)
     version, path = publish_models(Path(model_path), pipeline, results, metadata, index)
     report.version, report.path = version, str(path or "")
-    _leaderboard(pipeline, report)
+    publish_leaderboard(report, error_key)
     return asdict(report)
-
-
-def _record_results(report: TrainingReport, results: list[FitResult]) -> None:
-    for result in results:
-        data = result.job.data
-        where = {
-            "trainer": result.job.trainer,
-            "feature_group": data.feature_group,
-            "output_type": data.output_type,
-            "node_type": str(data.node_type),
-        }
-        if result.model is None:
-            report.failures.append({**where, "reason": result.error})
-            continue
-        meta = result.model.metadata
-        report.models.append(
-            {**where, "model_name": result.model.name, "mae": meta["mae"], "mape": meta["mape"]}
-        )
-
-
-def _leaderboard(pipeline: str, report: TrainingReport) -> None:
-    """The Prefect UI's view of which model won, by feature group and output type."""
-    rows = sorted(report.models, key=lambda m: (m["output_type"], m["feature_group"], m["mae"]))
-    key = re.sub(r"[^a-z0-9-]+", "-", f"leaderboard-{pipeline}".lower())
-    create_table_artifact(
-        table=rows or [{"result": "no model trained"}],
-        key=key,
-        description=f"MAE/MAPE of every model trained for pipeline {pipeline}",
-    )
-    run_logger().info("trained %d models, %d failed", len(report.models), len(report.failures))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,9 +78,103 @@ def print_report(report: dict[str, Any]) -> None:
         typer.echo(f"skipped {group}: {reason}")
 
 
+def run_store_training(
+    settings: Settings,
+    pipeline: str,
+    energy_source: str = "rapl-sysfs",
+    abs_trainers: list[str] | None = None,
+    dyn_trainers: list[str] | None = None,
+    isolator: str = "MinIdleIsolator",
+    node_type: int = 0,
+) -> dict[str, Any]:
+    """Run the store-training flow on everything the sample store holds; returns its report."""
+    from flows.online_training import train_from_store
+    from flows.runners import make_task_runner
+
+    runner = make_task_runner(settings.task_runner, settings.dask_address)
+    report: dict[str, Any] = train_from_store.with_options(task_runner=runner)(
+        pipeline=pipeline,
+        energy_source=energy_source,
+        abs_trainers=abs_trainers,
+        dyn_trainers=dyn_trainers,
+        isolator=isolator,
+        db_path=str(settings.duckdb_path),
+        model_path=str(settings.model_path),
+        node_type=node_type,
+        thirdparty_metrics=list(settings.thirdparty_metrics),
+        error_key=settings.error_key,
+    )
+    return report
+
+
+def parse_time(text: str | None) -> float | None:
+    """Unix seconds, or an ISO 8601 time (UTC unless it names its zone)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise typer.BadParameter(f"{text!r} is neither Unix seconds nor ISO 8601") from error
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+@app.command()
+def ingest(
+    prometheus: Annotated[str | None, typer.Option(help="PROM_SERVER override")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="Unix seconds or ISO 8601; default: where the last ended")
+    ] = None,
+    end: Annotated[str | None, typer.Option(help="Unix seconds or ISO 8601; default: now")] = None,
+    db: Annotated[Path | None, typer.Option(help="DUCKDB_PATH override")] = None,
+    step: Annotated[int | None, typer.Option(help="PROM_QUERY_STEP override (s)")] = None,
+) -> None:
+    """Fetch Kepler's metrics from Prometheus into the sample store."""
+    from flows.ingest import ingest as ingest_flow
+    from storage.prometheus import PrometheusQueryError
+
+    _configure_logging()
+    first, last = parse_time(start), parse_time(end)
+    try:
+        report = ingest_flow(
+            prometheus=prometheus,
+            db_path=str(db) if db else None,
+            start=first,
+            end=last,
+            step=step,
+        )
+    except PrometheusQueryError as error:
+        typer.echo(f"ingest failed: {error}", err=True)
+        raise typer.Exit(1) from error
+    typer.echo(
+        f"{report['samples_added']} new of {report['samples_seen']} samples from "
+        f"{report['server']} ({report['metrics']} metrics, {report['queries']} queries, "
+        f"window {report['start']} - {report['end']})"
+    )
+
+
+def _check_training_input(input: Path | None, db: Path | None, idle: Path | None) -> None:
+    if input is not None:
+        if not input.is_file():
+            raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
+        return
+    if db is None:
+        raise typer.BadParameter("give a dump (--input) or a sample store (--db)")
+    if not db.is_file():
+        raise typer.BadParameter(f"{db} is not a sample store", param_hint="--db")
+    if idle is not None:
+        raise typer.BadParameter("an idle dump goes with --input", param_hint="--idle")
+
+
 @app.command()
 def train(
-    input: Annotated[Path, typer.Option("--input", help="Prometheus dump (.json or .json.gz)")],
+    input: Annotated[
+        Path | None,
+        typer.Option("--input", help="Prometheus dump (.json or .json.gz); omit to train on --db"),
+    ] = None,
     pipeline: Annotated[str, typer.Option(help="pipeline name to publish")] = "kepler-default",
     energy_source: Annotated[str, typer.Option(help="energy source to model")] = "rapl-sysfs",
     abs_trainers: Annotated[
@@ -91,26 +186,37 @@ def train(
     isolator: Annotated[str, typer.Option(help="isolator for DynPower")] = "MinIdleIsolator",
     idle: Annotated[Path | None, typer.Option(help="dump of an idle run")] = None,
     node_type: Annotated[int, typer.Option(help="node type of the data's machine")] = 0,
+    machine_spec: Annotated[
+        Path | None,
+        typer.Option("--machine-spec", help="JSON file of the data's machine spec (see `spec`)"),
+    ] = None,
     model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
     db: Annotated[Path | None, typer.Option(help="DUCKDB_PATH override")] = None,
 ) -> None:
-    """Train on a dump and publish the pipeline."""
+    """Train on a dump (--input), or on all the sample store holds (--db alone), and publish."""
     _configure_logging()
-    if not input.is_file():
-        raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
+    _check_training_input(input, db, idle)
+    spec = read_machine_spec_option(machine_spec, input)
     settings = load_settings(model_path=model_path, duckdb_path=db)
     started = time.perf_counter()
-    report = run_training(
-        settings,
-        input,
-        pipeline,
-        energy_source,
-        _split(abs_trainers),
-        _split(dyn_trainers),
-        isolator,
-        idle,
-        node_type,
-    )
+    abs_names, dyn_names = _split(abs_trainers), _split(dyn_trainers)
+    if input is None:
+        report = run_store_training(
+            settings, pipeline, energy_source, abs_names, dyn_names, isolator, node_type
+        )
+    else:
+        report = run_training(
+            settings,
+            input,
+            pipeline,
+            energy_source,
+            abs_names,
+            dyn_names,
+            isolator,
+            idle,
+            node_type,
+            machine_spec=spec,
+        )
     print_report(report)
     typer.echo(f"trained in {time.perf_counter() - started:.1f} s")
 
@@ -171,6 +277,120 @@ def up(
 
     _configure_logging()
     run_up(load_settings(model_path=model_path, duckdb_path=db), retrain=retrain)
+
+
+def read_machine_spec_option(path: Path | None, input: Path | None) -> dict[str, Any] | None:
+    """The --machine-spec file as normalised attributes; it goes with a dump (--input)."""
+    from modelling.machine_spec import MachineSpec, MachineSpecError
+
+    if path is None:
+        return None
+    if input is None:
+        raise typer.BadParameter("a machine spec goes with --input", param_hint="--machine-spec")
+    try:
+        body = json.loads(path.read_text())
+        if not isinstance(body, dict):
+            raise MachineSpecError("a machine spec is a JSON object")
+        return MachineSpec.from_mapping(body).to_dict()
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"{path}: {exc}", param_hint="--machine-spec") from None
+
+
+@app.command()
+def spec() -> None:
+    """Print this machine's spec (processor, cores, chips, memory GiB, frequency MHz) as JSON."""
+    from modelling.machine_spec import discover_machine_spec
+
+    typer.echo(json.dumps(discover_machine_spec().to_dict(), indent=2))
+
+
+@app.command()
+def profile(
+    input: Annotated[Path, typer.Option("--input", help="Prometheus dump of an idle run")],
+    output: Annotated[Path, typer.Option(help="folder that gets profile/<source>.json")],
+    node_type: Annotated[int, typer.Option(help="node type of the idle machines")] = 0,
+) -> None:
+    """Profile the idle power of each energy source from an idle run."""
+    from flows.profile import profile as profile_flow
+
+    _configure_logging()
+    if not input.is_file():
+        raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
+    result = profile_flow(input=str(input), output=str(output), node_type=node_type)
+    print_profiles(result)
+
+
+def print_profiles(result: dict[str, Any]) -> None:
+    for source, body in result["profiles"].items():
+        for nt, components in body["node_types"].items():
+            for component, power in components.items():
+                typer.echo(
+                    f"{source} node type {nt} {component}: {power['mean_watts']:.2f} W "
+                    f"(min {power['min_watts']:.2f}, max {power['max_watts']:.2f}, "
+                    f"{power['units']} units)"
+                )
+    for path in result["files"]:
+        typer.echo(f"wrote {path}")
+
+
+pipelines_app = typer.Typer(
+    no_args_is_help=True, help="List, roll back and prune published pipeline versions."
+)
+app.add_typer(pipelines_app, name="pipelines")
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
+) -> None:
+    """Each pipeline: the version served, its model count, last update and versions kept."""
+    from storage.pipelines import published_pipelines
+
+    root = load_settings(model_path=model_path).model_path
+    found = published_pipelines(root)
+    if not found:
+        typer.echo(f"no pipeline under {root}")
+    for p in found:
+        served = "-" if p.current is None else f"v{p.current}"
+        kept = ", ".join(f"v{v}" for v in p.versions) or "-"
+        typer.echo(
+            f"{p.name:32} served {served:>5}  {p.model_count:4} models  "
+            f"updated {p.last_update_time or '-':19}  versions {kept}"
+        )
+
+
+@pipelines_app.command("rollback")
+def pipelines_rollback(
+    name: Annotated[str, typer.Argument(help="pipeline to roll back")],
+    to: Annotated[int | None, typer.Option(help="version to serve; default: the previous")] = None,
+    model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
+) -> None:
+    """Serve an earlier version again; running servers follow without a restart."""
+    from storage.pipelines import PipelineNameError, PipelineNotFoundError, rollback
+
+    try:
+        version = rollback(load_settings(model_path=model_path).model_path, name, to)
+    except (PipelineNotFoundError, PipelineNameError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="NAME") from None
+    typer.echo(f"pipeline {name} now serves version {version}")
+
+
+@pipelines_app.command("prune")
+def pipelines_prune(
+    keep: Annotated[int, typer.Option(min=1, help="newest versions to keep")],
+    name: Annotated[str | None, typer.Argument(help="pipeline; default: all")] = None,
+    model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
+) -> None:
+    """Delete old versions, keeping the newest KEEP and always the one served."""
+    from storage.pipelines import PipelineNameError, PipelineNotFoundError, prune, versioned_names
+
+    root = load_settings(model_path=model_path).model_path
+    for pipeline in [name] if name else versioned_names(root):
+        try:
+            removed = prune(root, pipeline, keep)
+        except (PipelineNotFoundError, PipelineNameError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="NAME") from None
+        typer.echo(f"{pipeline}: removed {', '.join(f'v{v}' for v in removed) or 'nothing'}")
 
 
 @app.command()

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     estimator_socket: Path = Path("/tmp/estimator.sock")
     estimator_max_request_bytes: int = 16 * 1024 * 1024
     estimator_read_timeout: float = 10.0
+    estimator_match_machine: bool = True
     node_components_init_url: str = ""
     node_total_init_url: str = ""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import PurePosixPath, PureWindowsPath
 
 MAX_ARCHIVE_BYTES = 256 * 1024 * 1024
@@ -55,7 +56,7 @@ def read_archive(data: bytes, max_bytes: int = MAX_ARCHIVE_BYTES) -> dict[str, b
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = check_archive(archive, max_bytes)
             return {m.filename: archive.read(m) for m in members}
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise UnsafeArchiveError(f"not a readable zip archive: {exc}") from exc
 
 
@@ -68,7 +69,7 @@ def read_archive_json_members(data: bytes) -> dict[str, bytes]:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = check_archive(archive, allow_pickles=True)
             return {m.filename: archive.read(m) for m in members if m.filename.endswith(".json")}
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise UnsafeArchiveError(f"not a readable zip archive: {exc}") from exc
 
 

@@ -21,6 +21,7 @@ from modelling.components import (
     ModelFileError,
     load_component,
 )
+from modelling.vocabulary import WEIGHT_TRAINERS
 
 SCALER_FILE = "scaler.json"
 
@@ -45,7 +46,15 @@ class PowerModel:
         return powers
 
     def weights(self) -> dict[str, Any] | None:
-        """Kepler's weight JSON, or None when a component is not linear or a curve."""
+        """Kepler's weight JSON, or None for a model Kepler does not get weights of.
+
+        That is a model whose metadata names a trainer outside SPEC's weight-capable four
+        (LinearRegressionTrainer is linear, but archive-only), or one with a component that
+        is neither linear, a curve nor a constant.
+        """
+        trainer = self.metadata.get("trainer")
+        if trainer is not None and trainer not in WEIGHT_TRAINERS:
+            return None
         result: dict[str, Any] = {}
         linear = self._is_linear()
         for component, model in self.components.items():

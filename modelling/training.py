@@ -11,7 +11,7 @@ import numpy as np
 from modelling.components import ComponentModel, ConstantComponent
 from modelling.power_model import PowerModel, max_abs_scale
 from modelling.trainers import FitError, Trainer
-from modelling.vocabulary import main_feature, model_name
+from modelling.vocabulary import OutputType, main_feature, model_name
 
 HOLDOUT_FRACTION = 0.2
 
@@ -76,15 +76,22 @@ def score(model: PowerModel, x_test: np.ndarray, y_test: dict[str, np.ndarray]) 
 
 
 def fit_component(
-    trainer: Trainer, x: np.ndarray, y: np.ndarray, features: tuple[str, ...], main_index: int
+    trainer: Trainer,
+    x: np.ndarray,
+    y: np.ndarray,
+    features: tuple[str, ...],
+    main_index: int,
+    through_origin: bool = False,
+    component: str = "the component",
 ) -> ComponentModel:
-    """A component constant over the training rows (often core, uncore) stays that constant."""
-    if np.ptp(y) == 0.0:
+    """A component constant over the training rows (often core, uncore) stays that constant,
+    unless that constant is not zero and the model must give zero at zero activity."""
+    if np.ptp(y) == 0.0 and (y[0] == 0.0 or not through_origin):
         return ConstantComponent(float(y[0]))
     try:
-        return trainer.fit_component(x, y, features, main_index)
+        return trainer.fit_component(x, y, features, main_index, through_origin=through_origin)
     except (ValueError, RuntimeError, ArithmeticError) as exc:
-        raise FitError(f"{trainer.name} failed to fit: {exc}") from exc
+        raise FitError(f"{trainer.name} failed to fit {component}: {exc}") from exc
 
 
 def train_model(trainer: Trainer, data: TrainingSet) -> PowerModel:
@@ -94,13 +101,16 @@ def train_model(trainer: Trainer, data: TrainingSet) -> PowerModel:
     scale = max_abs_scale(data.x[:split])
     x_train = data.x[:split] / scale
 
+    # Dynamic power is split between containers by applying the model to each of them.
+    dynamic = data.output_type == OutputType.DYN_POWER.value
+    through_origin = dynamic and trainer.honours_through_origin
     components = {}
     curve_features = {}
     for component, y in data.y.items():
         main = main_feature(data.feature_group, component)
         main_index = data.features.index(main) if main in data.features else 0
         components[component] = fit_component(
-            trainer, x_train, y[:split], data.features, main_index
+            trainer, x_train, y[:split], data.features, main_index, through_origin, component
         )
         curve_features[component] = data.features[main_index]
 
@@ -137,6 +147,10 @@ def _metadata(
     }
     if data.machine_spec:
         metadata["machine_spec"] = data.machine_spec
+    metadata["hyperparameters"] = trainer.hyperparameters()
+    metadata["through_origin"] = (
+        trainer.honours_through_origin and data.output_type == OutputType.DYN_POWER.value
+    )
     if trainer.curve:
         metadata["curve"] = trainer.curve
         metadata["curve_features"] = curve_features

@@ -42,15 +42,21 @@ def split_urls(text: str) -> list[str]:
 
 
 def load_initial_pipelines(
-    urls: str, destination: Path, timeout: float = DOWNLOAD_TIMEOUT_SECONDS
+    urls: str,
+    destination: Path,
+    timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
 ) -> list[Path]:
-    """Unpack every usable entry of ``urls`` under ``destination``; the folders written."""
+    """Unpack every usable entry of ``urls`` under ``destination``; the folders written.
+
+    ``max_bytes`` bounds each download and the unpacked size each archive declares.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     loaded = []
     for index, url in enumerate(split_urls(urls)):
         target = destination / folder_name(index, url)
         try:
-            load_pipeline(url, target, timeout)
+            load_pipeline(url, target, timeout, max_bytes)
         except InitialPipelineError as exc:
             logger.warning("skipping initial pipeline %s: %s", url, exc)
             continue
@@ -65,15 +71,20 @@ def folder_name(index: int, url: str) -> str:
     return f"{index:02d}-{_UNSAFE_NAME.sub('_', stem)}"
 
 
-def load_pipeline(url: str, target: Path, timeout: float = DOWNLOAD_TIMEOUT_SECONDS) -> None:
+def load_pipeline(
+    url: str,
+    target: Path,
+    timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
+) -> None:
     """Fetch one entry and leave the pipeline (the folder with metadata.json) at ``target``."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        unpack_zip(download(url, timeout), target)
+        unpack_zip(download(url, timeout, max_bytes), target, max_bytes)
     elif parsed.scheme == "file":
-        load_local(Path(url2pathname(parsed.path)), target)
+        load_local(Path(url2pathname(parsed.path)), target, max_bytes)
     elif not parsed.scheme:
-        load_local(Path(url), target)
+        load_local(Path(url), target, max_bytes)
     else:
         raise InitialPipelineError(f"unsupported URL scheme {parsed.scheme!r}")
 
@@ -92,19 +103,21 @@ def download(url: str, timeout: float, limit: int = MAX_ARCHIVE_BYTES) -> bytes:
     return bytes(received)
 
 
-def load_local(path: Path, target: Path) -> None:
+def load_local(path: Path, target: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> None:
     if path.is_dir():
         _install(target, lambda staging: _copy_folder(path, staging))
         return
     try:
+        if path.stat().st_size > max_bytes:
+            raise InitialPipelineError(f"{path} is larger than {max_bytes} bytes")
         data = path.read_bytes()
     except OSError as exc:
         raise InitialPipelineError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    unpack_zip(data, target)
+    unpack_zip(data, target, max_bytes)
 
 
-def unpack_zip(data: bytes, target: Path) -> None:
-    _install(target, lambda staging: _extract(data, staging))
+def unpack_zip(data: bytes, target: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> None:
+    _install(target, lambda staging: _extract(data, staging, max_bytes))
 
 
 def _copy_folder(source: Path, staging: Path) -> None:
@@ -114,10 +127,10 @@ def _copy_folder(source: Path, staging: Path) -> None:
         raise InitialPipelineError(f"cannot copy {source}: {exc}") from exc
 
 
-def _extract(data: bytes, staging: Path) -> None:
+def _extract(data: bytes, staging: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = check_archive(archive, allow_pickles=True)
+            members = check_archive(archive, max_bytes, allow_pickles=True)
             archive.extractall(staging, members=members)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise InitialPipelineError(f"not a readable zip archive: {exc}") from exc

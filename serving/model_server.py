@@ -1,8 +1,10 @@
 """The model server (SPEC section 6): Kepler asks it for the best published model.
 
-Routes: ``POST /model``, ``GET /best-models``, ``GET /pipelines``, ``GET /healthz``,
-``GET /readyz``, ``GET /metrics`` and ``GET /openapi.json``. Pipelines come from ``MODEL_PATH``
-and from ``INITIAL_PIPELINE_URL``; the catalogue notices new publishes without a restart.
+Routes: ``POST /model``, ``GET /best-models``, ``GET /pipelines``,
+``GET /models/{pipeline}/{source}/{output_type}/{group}/{name}``, ``GET /healthz``,
+``GET /readyz``, ``GET /metrics`` (serving.metrics) and ``GET /openapi.json`` (serving.openapi).
+Pipelines come from ``MODEL_PATH`` and from ``INITIAL_PIPELINE_URL``; the catalogue notices new
+publishes, rollbacks and prunes without a restart.
 
 Errors are raised as typed exceptions and turned into JSON replies by the handlers registered in
 ``create_app`` and nowhere else. Catalogue and file work runs in worker threads so that a
@@ -16,16 +18,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -33,18 +33,28 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kepler_model.settings import Settings
 from modelling.vocabulary import OutputType, UnknownSourceError
 from serving.initial_pipelines import load_initial_pipelines
+from serving.metrics import MetricsMiddleware, ServerMetrics, model_counts
+from serving.openapi import openapi_schema
 from serving.requests import (
     BestModelsQuery,
-    ModelRequest,
     RequestError,
+    name_fields,
     parse_best_models_query,
     parse_model_request,
     read_body,
+)
+from serving.responses import (
+    HealthReply,
+    ModelReply,
+    NoModelReply,
+    NotFoundReply,
+    PipelineReply,
+    PipelinesReply,
+    ReadyReply,
 )
 from storage.catalogue import (
     Catalogue,
@@ -55,136 +65,49 @@ from storage.catalogue import (
     Pipeline,
     Selection,
 )
+from storage.pipelines import current_version, list_versions
 
 logger = logging.getLogger(__name__)
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ModelFileMissingError(RuntimeError):
     """A selected model's archive vanished from disk (a pipeline was pruned meanwhile)."""
 
 
+class ModelNotFoundError(LookupError):
+    """``GET /models/...`` names a model that is not published; ``available`` says what is."""
+
+    def __init__(self, message: str, available: list[str]) -> None:
+        super().__init__(message)
+        self.available = available
+
+
 class ServedCatalogue:
     """The live catalogue, checked by one worker thread at a time.
 
     ``LiveCatalogue`` is not thread-safe; without the lock, concurrent requests right after a
-    publish could each start the same rebuild.
+    publish could each start the same rebuild. ``recent`` hands out the last snapshot without
+    touching the disk while it is younger than the live catalogue's check interval, so that
+    ``POST /model`` can answer on the event loop instead of paying a thread hop per request.
     """
 
     def __init__(self, live: LiveCatalogue) -> None:
         self.live = live
         self._lock = threading.Lock()
+        self._latest: Catalogue | None = None
+        self._checked = float("-inf")
 
     def current(self) -> Catalogue:
         with self._lock:
-            return self.live.current()
+            catalogue = self.live.current()
+            self._latest, self._checked = catalogue, time.monotonic()
+            return catalogue
 
-
-class CatalogueCollector:
-    """Prometheus view of what is loaded: pipelines, model counts, each model's error."""
-
-    def __init__(self, error_key: str) -> None:
-        self.error_key = error_key
-        self.source: Callable[[], Catalogue] | None = None
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        if self.source is None:
-            return
-        catalogue = self.source()
-        pipelines = GaugeMetricFamily(
-            "kepler_model_server_pipelines_loaded", "Pipelines the server can serve from"
-        )
-        pipelines.add_metric([], len(catalogue.pipelines))
-        yield pipelines
-        yield self._model_counts(catalogue)
-        yield self._model_errors(catalogue)
-
-    def _model_counts(self, catalogue: Catalogue) -> Metric:
-        family = GaugeMetricFamily(
-            "kepler_model_server_models_loaded",
-            "Published models by pipeline, energy source and output type",
-            labels=["pipeline", "source", "output_type"],
-        )
-        for pipeline in catalogue.pipelines.values():
-            for (source, output_type), count in model_counts(pipeline).items():
-                family.add_metric([pipeline.name, source, output_type], count)
-        return family
-
-    def _model_errors(self, catalogue: Catalogue) -> Metric:
-        family = GaugeMetricFamily(
-            "kepler_model_server_model_error",
-            "Each published model's error by the configured error key (ERROR_KEY)",
-            labels=["pipeline", "source", "output_type", "feature_group", "model", "key"],
-        )
-        for pipeline in catalogue.pipelines.values():
-            for entry in pipeline.models:
-                value = entry.metadata.get(self.error_key)
-                if isinstance(value, int | float):
-                    labels = [entry.pipeline, entry.source, entry.output_type]
-                    labels += [entry.feature_group, entry.name, self.error_key]
-                    family.add_metric(labels, float(value))
-        return family
-
-
-class ServerMetrics:
-    """One registry per app, so that several apps in one process never share counters."""
-
-    def __init__(self, error_key: str) -> None:
-        self.registry = CollectorRegistry()
-        labels = ["route", "method", "status"]
-        self.requests = Counter(
-            "kepler_model_server_requests",
-            "HTTP requests answered",
-            labels,
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "kepler_model_server_request_duration_seconds",
-            "Time to answer an HTTP request",
-            labels,
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.catalogue = CatalogueCollector(error_key)
-        self.registry.register(self.catalogue)
-
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method, str(status)).observe(seconds)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by route template (not raw path) and status."""
-
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe(route, scope["method"], status, time.perf_counter() - started)
+    def recent(self) -> Catalogue | None:
+        """The last snapshot if it was checked within the interval, else None (check it)."""
+        if time.monotonic() - self._checked < self.live.min_interval:
+            return self._latest
+        return None
 
 
 def _served(request: Request) -> ServedCatalogue:
@@ -193,29 +116,31 @@ def _served(request: Request) -> ServedCatalogue:
 
 
 async def post_model(request: Request) -> Response:
+    """Selection is CPU work on an immutable snapshot, done on the event loop; only disk reads
+    (a due catalogue check, an archive) go to a worker thread."""
     limit: int = request.app.state.max_body_bytes
     body = await read_body(request.stream(), request.headers.get("content-length"), limit)
     model_request = parse_model_request(body)
-    return await run_in_threadpool(model_reply, _served(request), model_request)
-
-
-def model_reply(served: ServedCatalogue, model_request: ModelRequest) -> Response:
-    """The selected model as weight JSON or as its archive, selection info in headers."""
-    query = model_request.to_query()
-    catalogue = served.current()
-    selection = catalogue.select(query)
+    served = _served(request)
+    catalogue = served.recent()
+    if catalogue is None:
+        catalogue = await run_in_threadpool(served.current)
+    selection = catalogue.select(model_request.to_query())
     entry = selection.entry
     headers = selection_headers(selection)
-    logger.debug("POST /model %s -> %s/%s", query, entry.pipeline, entry.name)
-    if query.weight:
+    if model_request.ignored_fields:
+        headers["X-Ignored-Fields"] = name_fields(model_request.ignored_fields)
+    logger.debug("POST /model %s -> %s/%s", model_request, entry.pipeline, entry.name)
+    if model_request.weight:
         return JSONResponse(weight_body(catalogue, entry), headers=headers)
+    archive = await run_in_threadpool(read_archive_bytes, entry)
     headers["Content-Disposition"] = f'attachment; filename="{entry.name}.zip"'
-    return Response(read_archive_bytes(entry), media_type="application/zip", headers=headers)
+    return Response(archive, media_type="application/zip", headers=headers)
 
 
 def selection_headers(selection: Selection) -> dict[str, str]:
     entry = selection.entry
-    return {
+    headers = {
         "X-Model-Name": entry.name,
         "X-Pipeline": entry.pipeline,
         "X-Source": entry.source,
@@ -225,6 +150,14 @@ def selection_headers(selection: Selection) -> dict[str, str]:
         "X-Node-Type": str(entry.node_type),
         "X-Node-Type-Matched": "true" if selection.node_type_matched else "false",
     }
+    if selection.match is not None:
+        # How the node type fits the request's machine_spec (SPEC section 8); headers, because
+        # Kepler reads the weight JSON's top level as it is published.
+        headers["X-Node-Type-Similarity"] = f"{selection.match.similarity:.4f}"
+        headers["X-Node-Type-Uncertainty"] = f"{selection.match.uncertainty:.4f}"
+        if selection.match.runner_up is not None:
+            headers["X-Node-Type-Runner-Up"] = str(selection.match.runner_up)
+    return headers
 
 
 def weight_body(catalogue: Catalogue, entry: ModelEntry) -> dict[str, Any]:
@@ -278,41 +211,98 @@ def best_models_body(catalogue: Catalogue, query: BestModelsQuery) -> dict[str, 
 
 async def get_pipelines(request: Request) -> Response:
     catalogue = await run_in_threadpool(_served(request).current)
-    pipelines = [pipeline_summary(catalogue.pipelines[n]) for n in sorted(catalogue.pipelines)]
-    return JSONResponse({"pipelines": pipelines})
+    reply = await run_in_threadpool(pipelines_reply, catalogue)
+    return JSONResponse(reply.model_dump(mode="json"))
 
 
-def pipeline_summary(pipeline: Pipeline) -> dict[str, Any]:
+def pipelines_reply(catalogue: Catalogue) -> PipelinesReply:
+    """Every pipeline by name; reading the versions on disk is why this runs in a thread."""
+    names = sorted(catalogue.pipelines)
+    return PipelinesReply(pipelines=[pipeline_summary(catalogue.pipelines[n]) for n in names])
+
+
+def pipeline_summary(pipeline: Pipeline) -> PipelineReply:
     counts: dict[str, dict[str, int]] = {}
     for (source, output_type), count in model_counts(pipeline).items():
         counts.setdefault(source, {})[output_type] = count
-    return {
-        "name": pipeline.name,
-        "metadata": pipeline.metadata,
-        "node_types": pipeline.node_type_index,
-        "model_count": len(pipeline.models),
-        "models": counts,
-    }
+    version, versions = pipeline_versions(pipeline)
+    return PipelineReply(
+        name=pipeline.name,
+        version=version,
+        versions=versions,
+        metadata=pipeline.metadata,
+        node_types=pipeline.node_type_index,
+        model_count=len(pipeline.models),
+        models=counts,
+    )
 
 
-def model_counts(pipeline: Pipeline) -> dict[tuple[str, str], int]:
-    counts: dict[tuple[str, str], int] = {}
-    for entry in pipeline.models:
-        key = (entry.source, entry.output_type)
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+def pipeline_versions(pipeline: Pipeline) -> tuple[int | None, list[int]]:
+    """The version served and those kept; an unversioned pipeline reports its metadata's."""
+    folder = pipeline.path
+    current = current_version(folder.parent, folder.name)
+    if current is None:
+        declared = pipeline.metadata.get("version")
+        current = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
+    return current, list_versions(folder.parent, folder.name)
+
+
+async def get_model(request: Request) -> Response:
+    catalogue = await run_in_threadpool(_served(request).current)
+    entry = find_model(catalogue, request.path_params)
+    reply = await run_in_threadpool(model_summary, catalogue, entry)
+    return JSONResponse(reply.model_dump(mode="json"))
+
+
+def find_model(catalogue: Catalogue, where: dict[str, str]) -> ModelEntry:
+    """The model at ``pipeline/source/output_type/group/name``, else an error naming those that
+    exist (the pipeline's models, or every pipeline when the pipeline itself is unknown)."""
+    pipeline = catalogue.pipelines.get(where["pipeline"])
+    if pipeline is None:
+        message = f"no pipeline {where['pipeline']!r}"
+        raise ModelNotFoundError(message, sorted(catalogue.pipelines))
+    wanted = (where["source"], where["output_type"], where["group"], where["name"])
+    places = {(e.source, e.output_type, e.feature_group, e.name): e for e in pipeline.models}
+    if wanted in places:
+        return places[wanted]
+    message = f"pipeline {pipeline.name} has no model {'/'.join(wanted)}"
+    raise ModelNotFoundError(message, sorted("/".join(place) for place in places))
+
+
+def model_summary(catalogue: Catalogue, entry: ModelEntry) -> ModelReply:
+    try:
+        size: int | None = entry.archive.stat().st_size
+    except OSError:
+        size = None
+    return ModelReply(
+        pipeline=entry.pipeline,
+        pipeline_version=pipeline_versions(catalogue.pipelines[entry.pipeline])[0],
+        source=entry.source,
+        output_type=entry.output_type,
+        feature_group=entry.feature_group,
+        model_name=entry.name,
+        trainer=entry.trainer,
+        node_type=entry.node_type,
+        features=list(entry.features),
+        weight_capable=entry.weights is not None,
+        archive_bytes=size,
+        metadata=entry.metadata,
+    )
 
 
 async def get_healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(HealthReply().model_dump())
 
 
 async def get_readyz(request: Request) -> Response:
     catalogue = await run_in_threadpool(_served(request).current)
-    body = {"pipelines": len(catalogue.pipelines), "models": catalogue.model_count}
-    if not catalogue.pipelines:
-        return JSONResponse({"status": "not ready", **body, "reason": "no pipeline loaded"}, 503)
-    return JSONResponse({"status": "ready", **body})
+    pipelines, models = len(catalogue.pipelines), catalogue.model_count
+    if not pipelines:
+        reason = "no pipeline loaded"
+        reply = ReadyReply(status="not ready", pipelines=0, models=models, reason=reason)
+        return JSONResponse(reply.model_dump(exclude_none=True), 503)
+    reply = ReadyReply(status="ready", pipelines=pipelines, models=models)
+    return JSONResponse(reply.model_dump(exclude_none=True))
 
 
 async def get_metrics(request: Request) -> Response:
@@ -338,8 +328,20 @@ async def on_bad_value(request: Request, exc: Exception) -> Response:
 async def on_no_model(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, NoModelError)
     logger.info("no model for %s", exc.searched)
-    body = {"error": str(exc), "searched": exc.searched, "available": exc.available}
-    return JSONResponse(body, 404)
+    catalogue = await run_in_threadpool(_served(request).current)
+    reply = NoModelReply(
+        error=str(exc),
+        searched=exc.searched,
+        available=exc.available,
+        pipelines=sorted(catalogue.pipelines),
+    )
+    return JSONResponse(reply.model_dump(mode="json"), 404)
+
+
+async def on_unknown_model(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ModelNotFoundError)
+    reply = NotFoundReply(error=str(exc), available=exc.available)
+    return JSONResponse(reply.model_dump(), 404)
 
 
 async def on_missing_file(request: Request, exc: Exception) -> Response:
@@ -363,6 +365,7 @@ def exception_handlers() -> dict[Any, Callable[[Request, Exception], Any]]:
         UnknownSourceError: on_bad_value,
         FilterError: on_bad_value,
         NoModelError: on_no_model,
+        ModelNotFoundError: on_unknown_model,
         ModelFileMissingError: on_missing_file,
         HTTPException: on_http_error,
         500: on_server_error,
@@ -431,6 +434,11 @@ def create_app(
         Route("/model", post_model, methods=["POST"]),
         Route("/best-models", get_best_models, methods=["GET"]),
         Route("/pipelines", get_pipelines, methods=["GET"]),
+        Route(
+            "/models/{pipeline}/{source}/{output_type}/{group}/{name}",
+            get_model,
+            methods=["GET"],
+        ),
         Route("/healthz", get_healthz, methods=["GET"]),
         Route("/readyz", get_readyz, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
@@ -455,101 +463,7 @@ def run_model_server(settings: Settings) -> None:
         host=settings.model_server_host,
         port=settings.model_server_port,
         proxy_headers=False,
+        # An access log line is a large share of each answer's CPU; /metrics counts requests.
+        access_log=False,
     )
     uvicorn.Server(config).run()
-
-
-def openapi_schema() -> dict[str, Any]:
-    """A hand-written OpenAPI 3.1 description; request bodies come from the pydantic models."""
-    ref = "#/components/schemas/{model}"
-    request_schema = ModelRequest.model_json_schema(ref_template=ref)
-    schemas = {"ModelRequest": request_schema, **request_schema.pop("$defs", {})}
-    schemas["Error"] = {
-        "type": "object",
-        "properties": {"error": {"type": "string"}},
-        "required": ["error"],
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Kepler model server", "version": "1"},
-        "paths": _openapi_paths(),
-        "components": {"schemas": schemas},
-    }
-
-
-def _error(description: str) -> dict[str, Any]:
-    schema = {"$ref": "#/components/schemas/Error"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _json(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {}}}}
-
-
-def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema}
-
-
-def _openapi_paths() -> dict[str, Any]:
-    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ModelRequest"}}}
-    model_ok = {
-        "description": "weight JSON (weight: true), else the model archive",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/zip": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-    output_types = [o.value for o in OutputType]
-    return {
-        "/model": {
-            "post": {
-                "summary": "The best published model for a client's metrics",
-                "requestBody": {"required": True, "content": body},
-                "responses": {
-                    "200": model_ok,
-                    "400": _error("invalid JSON, unknown energy source or malformed filter"),
-                    "404": _error("no published model matches; says what was searched"),
-                    "413": _error("request body too large"),
-                    "422": _error("a field has the wrong type or value"),
-                    "503": _error("the selected archive vanished; retry"),
-                },
-            }
-        },
-        "/best-models": {
-            "get": {
-                "summary": "Best model name per output type and feature group",
-                "parameters": [
-                    _query("energy-source", {"type": "string"}),
-                    _query("output-type", {"type": "string", "enum": output_types}),
-                    _query("feature-group", {"type": "string"}),
-                    _query("node-type", {"type": "integer", "minimum": -1}),
-                    _query("filter", {"type": "string"}),
-                ],
-                "responses": {
-                    "200": _json("{output type: {feature group: model name}}"),
-                    "400": _error("unknown energy source or malformed filter"),
-                    "422": _error("a query parameter has the wrong type"),
-                },
-            }
-        },
-        "/pipelines": {"get": {"responses": {"200": _json("loaded pipelines")}}},
-        "/healthz": {"get": {"responses": {"200": _json("the process answers")}}},
-        "/readyz": {
-            "get": {
-                "responses": {
-                    "200": _json("at least one pipeline is loaded"),
-                    "503": _json("no pipeline loaded"),
-                }
-            }
-        },
-        "/metrics": {
-            "get": {
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                }
-            }
-        },
-    }

@@ -7,6 +7,7 @@ status; the server turns those into replies in one place.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
@@ -15,16 +16,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
 )
 
+from modelling.machine_spec import MachineSpec as ParsedMachineSpec
 from modelling.vocabulary import DEFAULT_SOURCE, OutputType, normalise_source
 from storage.catalogue import ModelQuery
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_NAMED_FIELDS = 10
+MAX_NODE_TYPE = 2**31 - 1  # node types are small indices; Go's int32 bound
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 
 class RequestError(ValueError):
@@ -57,17 +63,33 @@ class RequestValidationError(RequestError):
         return {"error": str(self), "details": self.details}
 
     @classmethod
-    def from_pydantic(cls, error: ValidationError, what: str) -> RequestValidationError:
+    def from_pydantic(
+        cls, error: ValidationError, what: str, ignored: list[str] | None = None
+    ) -> RequestValidationError:
         details = [
             {"field": _location(e["loc"]) or "(body)", "message": e["msg"], "type": e["type"]}
             for e in error.errors(include_url=False, include_input=False)
         ]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        if ignored:
+            summary += f"; unknown fields ignored: {name_fields(ignored)}"
         return cls(f"invalid {what}: {summary}", details)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc)
+
+
+def name_fields(names: list[str] | tuple[str, ...]) -> str:
+    """Field names for a message or a header: printable ASCII, at most ``MAX_NAMED_FIELDS``."""
+    shown = [_UNPRINTABLE.sub("?", name[:64]) for name in names[:MAX_NAMED_FIELDS]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def unknown_fields(document: Any, known: Mapping[str, Any]) -> list[str]:
+    """Top-level keys of ``document`` that are not among ``known``, in the order sent."""
+    return [key for key in document if key not in known] if isinstance(document, dict) else []
 
 
 def _whole_number(value: Any) -> Any:
@@ -96,7 +118,9 @@ class ModelRequest(BaseModel):
     """The body of ``POST /model``, as Kepler's Go client and operators send it.
 
     Types are strict: ``"yes"`` is not a boolean and ``"1"`` is not a node type. Unknown fields
-    (Kepler sends ``model_name`` on some versions) are ignored.
+    are ignored, not refused (Kepler sends ``model_name`` on some versions, and a newer Kepler
+    must still get its model), but named: in the reply's ``X-Ignored-Fields`` header, and in the
+    message when the request is refused for another reason (``metric`` for ``metrics``).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -104,15 +128,30 @@ class ModelRequest(BaseModel):
     metrics: list[StrictStr] = Field(min_length=1, max_length=1024)
     output_type: OutputType
     source: StrictStr = DEFAULT_SOURCE
-    node_type: NodeType = Field(default=-1, ge=-1)
+    node_type: NodeType = Field(default=-1, ge=-1, le=MAX_NODE_TYPE)
     weight: StrictBool = False
     trainer_name: StrictStr = ""
     filter: StrictStr = ""
     pipeline_name: StrictStr = ""
-    # Validated but not yet used: choosing the node type closest to a machine spec (SPEC
-    # section 8) needs the catalogue's select to take the spec.
     machine_spec: MachineSpec | None = None
     loose_node_type: StrictBool = True
+
+    _ignored: tuple[str, ...] = PrivateAttr(default=())
+
+    @classmethod
+    def from_document(cls, document: Any) -> ModelRequest:
+        """Validate a decoded body, remembering which of its fields were ignored."""
+        ignored = unknown_fields(document, cls.model_fields)
+        try:
+            request = cls.model_validate(document)
+        except ValidationError as exc:
+            raise RequestValidationError.from_pydantic(exc, "model request", ignored) from None
+        request._ignored = tuple(ignored)
+        return request
+
+    @property
+    def ignored_fields(self) -> tuple[str, ...]:
+        return self._ignored
 
     def to_query(self) -> ModelQuery:
         """The catalogue's query; an unknown source raises ``UnknownSourceError``."""
@@ -126,6 +165,11 @@ class ModelRequest(BaseModel):
             filter=self.filter,
             pipeline_name=self.pipeline_name,
             loose_node_type=self.loose_node_type,
+            machine_spec=(
+                ParsedMachineSpec.from_mapping(self.machine_spec.model_dump())
+                if self.machine_spec
+                else None
+            ),
         )
 
 
@@ -165,10 +209,7 @@ def parse_model_request(body: bytes) -> ModelRequest:
         raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidJSONError("request body is not valid JSON: nested too deeply") from None
-    try:
-        return ModelRequest.model_validate(document)
-    except ValidationError as exc:
-        raise RequestValidationError.from_pydantic(exc, "model request") from None
+    return ModelRequest.from_document(document)
 
 
 def parse_best_models_query(params: Mapping[str, str]) -> BestModelsQuery:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from modelling.archive import UnsafeArchiveError, check_archive
+from modelling.machine_spec import MachineSpec
+from modelling.node_types import NodeTypeIndex, NodeTypeIndexError, NodeTypeMatch, with_runner_up
 from modelling.vocabulary import (
     CURVE_FIT_TRAINERS,
     FEATURE_GROUPS,
@@ -72,6 +74,7 @@ class Pipeline:
     metadata: dict[str, Any]
     node_type_index: dict[str, Any]
     models: tuple[ModelEntry, ...]
+    node_types: NodeTypeIndex = field(default_factory=NodeTypeIndex)
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,16 @@ class ModelQuery:
     filter: str = ""
     pipeline_name: str = ""
     loose_node_type: bool = True
+    machine_spec: MachineSpec | None = None
 
 
 @dataclass(frozen=True)
 class Selection:
+    """The chosen model; ``match`` says how its node type fits the query's machine spec."""
+
     entry: ModelEntry
     node_type_matched: bool
+    match: NodeTypeMatch | None = None
 
 
 def parse_filter(text: str) -> dict[str, str]:
@@ -186,18 +193,59 @@ class Catalogue:
         return ([preferred] if preferred else []) + others
 
     def select(self, query: ModelQuery) -> Selection:
-        """The best model for ``query``: requested node type first, else any (when loose)."""
-        found = self.candidates(query)
-        exact = [e for e in found if e.node_type == query.node_type]
-        if exact:
-            return Selection(self._best(exact), True)
-        if found and (query.loose_node_type or query.node_type < 0):
-            return Selection(self._best(found), query.node_type < 0)
+        """The best model for ``query`` (SPEC sections 6, 8).
+
+        The requested node type first; else, given a machine spec, the node type that covers
+        it or the most similar one (when loose); else, when loose, the best of any node type.
+        """
+        ranked, matches = self._rank(query)
+        if ranked:
+            best = ranked[0]
+            match = _match_of(best, matches)
+            if best.node_type == query.node_type:
+                return Selection(best, True, match)
+            if match is not None and (match.exact or query.loose_node_type):
+                _log_match(best, match)
+                return Selection(best, match.exact, match)
+            if match is None and (query.loose_node_type or query.node_type < 0):
+                return Selection(best, query.node_type < 0)
         raise NoModelError(
             "no published model matches the request",
             searched=self._describe(query),
             available=self.available(query.source, query.output_type),
         )
+
+    def ranked(self, query: ModelQuery) -> list[ModelEntry]:
+        """Every candidate, in the order ``select`` prefers them."""
+        return self._rank(query)[0]
+
+    def _rank(
+        self, query: ModelQuery
+    ) -> tuple[list[ModelEntry], dict[tuple[str, int], NodeTypeMatch]]:
+        found = self.candidates(query)
+        matches = self._spec_matches(found, query.machine_spec)
+
+        def key(entry: ModelEntry) -> tuple[bool, bool, float, float, str]:
+            match = matches.get((entry.pipeline, entry.node_type))
+            fit = (not match.exact, -match.similarity) if match else (False, 0.0)
+            requested = entry.node_type == query.node_type
+            return (not requested, *fit, entry.error(self.error_key), entry.name)
+
+        return sorted(found, key=key), matches
+
+    def _spec_matches(
+        self, entries: list[ModelEntry], spec: MachineSpec | None
+    ) -> dict[tuple[str, int], NodeTypeMatch]:
+        """How each (pipeline, node type) among ``entries`` fits ``spec``; {} without a spec."""
+        if spec is None or not spec.known():
+            return {}
+        matches = {}
+        for entry in entries:
+            key = (entry.pipeline, entry.node_type)
+            if key not in matches:
+                node_types = self.pipelines[entry.pipeline].node_types
+                matches[key] = node_types.score(entry.node_type, spec)
+        return matches
 
     def _best(self, entries: list[ModelEntry]) -> ModelEntry:
         return min(entries, key=lambda e: (e.error(self.error_key), e.name))
@@ -210,6 +258,8 @@ class Catalogue:
             "feature_groups": valid_groups(query.metrics),
             "trainer_name": query.trainer_name or "any",
             "node_type": query.node_type,
+            "machine_spec": query.machine_spec.to_dict() if query.machine_spec else None,
+            "loose_node_type": query.loose_node_type,
             "weight": query.weight,
             "filter": query.filter,
         }
@@ -252,6 +302,32 @@ class Catalogue:
         return {ot: {g: e.name for g, e in gs.items()} for ot, gs in best.items()}
 
 
+def _match_of(
+    entry: ModelEntry, matches: dict[tuple[str, int], NodeTypeMatch]
+) -> NodeTypeMatch | None:
+    """The entry's node type match, with the best other node type of its pipeline as runner-up."""
+    match = matches.get((entry.pipeline, entry.node_type))
+    if match is None:
+        return None
+    others = [m for (pipeline, _), m in matches.items() if pipeline == entry.pipeline]
+    return with_runner_up(match, others)
+
+
+def _log_match(entry: ModelEntry, match: NodeTypeMatch) -> None:
+    log = logger.debug if match.exact else logger.info
+    log(
+        "machine spec -> node type %d of %s (%s, similarity %.3f, uncertainty %.3f; "
+        "runner-up %s at %s)",
+        match.node_type,
+        entry.pipeline,
+        "exact cover" if match.exact else "closest",
+        match.similarity,
+        match.uncertainty,
+        match.runner_up,
+        "n/a" if match.runner_up_similarity is None else f"{match.runner_up_similarity:.3f}",
+    )
+
+
 def load_pipeline(path: Path) -> Pipeline:
     """Index one pipeline folder: every model zip's metadata and weight JSON, nothing else."""
     metadata = json.loads((path / "metadata.json").read_text())
@@ -263,7 +339,18 @@ def load_pipeline(path: Path) -> Pipeline:
         entry = _load_entry(name, archive)
         if entry is not None:
             models.append(entry)
-    return Pipeline(name, path, metadata, node_type_index, tuple(models))
+    return Pipeline(
+        name, path, metadata, node_type_index, tuple(models), _parse_index(name, node_type_index)
+    )
+
+
+def _parse_index(pipeline: str, body: Any) -> NodeTypeIndex:
+    """The pipeline's node types for matching; a malformed index matches nothing, loudly."""
+    try:
+        return NodeTypeIndex.from_json(body, strict=False)
+    except NodeTypeIndexError as exc:
+        logger.warning("pipeline %s: node_type_index.json unusable for matching: %s", pipeline, exc)
+        return NodeTypeIndex()
 
 
 def _load_entry(pipeline: str, archive: Path) -> ModelEntry | None:

@@ -1,12 +1,20 @@
-"""Published pipelines on disk, in the layout of Kepler's model database.
+"""Published pipelines on disk, in the layout of Kepler's model database, with versions.
 
-Each publish writes a complete new version under ``<MODEL_PATH>/.versions/<pipeline>/`` and
+Each publish writes a complete new version under ``<MODEL_PATH>/.versions/<pipeline>/vN`` and
 then points the symbolic link ``<MODEL_PATH>/<pipeline>`` at it with one atomic rename, so a
 reader sees either the old pipeline or the new one, never a mixture or a half-written file.
+
+A publish is built in a hidden ``.staging-*`` folder beside the versions and renamed into place
+only when every file is written and flushed. A writer killed at any point leaves at most such a
+folder (or a hidden ``.<pipeline>.link-*`` symlink) behind: readers never look at hidden names,
+and the next writer of that pipeline removes them. Writers of one pipeline (publish, rollback,
+prune) take an exclusive ``flock`` on ``.versions/<pipeline>/.lock``; the kernel releases it when
+its holder dies, so a killed writer never blocks the next one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -15,7 +23,8 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +37,8 @@ from modelling.power_model import PowerModel
 logger = logging.getLogger(__name__)
 
 VERSIONS_DIR = ".versions"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"
 _VERSION = re.compile(r"^v(\d+)$")
 _PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -38,6 +49,17 @@ class PipelineNameError(ValueError):
 
 class PipelineNotFoundError(LookupError):
     """No published pipeline or version by that name."""
+
+
+@dataclass(frozen=True)
+class PipelineVersions:
+    """One published pipeline: the version served and every complete version kept."""
+
+    name: str
+    current: int | None
+    versions: list[int]
+    last_update_time: str
+    model_count: int
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,16 @@ def current_version(model_path: Path, name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@contextmanager
+def pipeline_lock(model_path: Path, name: str) -> Iterator[None]:
+    """Hold the pipeline's writer lock; taken by publish, rollback and prune."""
+    root = versions_root(model_path, check_pipeline_name(name))
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def publish(
     model_path: Path,
     name: str,
@@ -96,52 +128,83 @@ def publish(
     Models of the previous version that this publish does not replace are carried over, so
     training one energy source keeps the models of the others.
     """
-    check_pipeline_name(name)
-    root = versions_root(model_path, name)
-    root.mkdir(parents=True, exist_ok=True)
-    previous = model_path / name
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-    try:
-        if previous.is_dir():
-            shutil.copytree(previous, staging, dirs_exist_ok=True, symlinks=False)
-        metadata = _pipeline_metadata(staging, name, pipeline_metadata)
-        written = _write_models(staging, models)
-        _write_json(staging / "node_type_index.json", node_type_index)
-        _write_model_tables(staging)
-        version = max(list_versions(model_path, name), default=0) + 1
-        metadata["version"] = version
-        _write_json(staging / "metadata.json", metadata)
-        _fsync_tree(staging)
-        final = root / f"v{version}"
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    switch_to(model_path, name, version)
+    with pipeline_lock(model_path, name):
+        _remove_leftovers(model_path, name)
+        _adopt_unversioned(model_path, name)
+        root = versions_root(model_path, name)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+        try:
+            version, written = _fill(staging, model_path, name, models, pipeline_metadata)
+            _write_json(staging / "node_type_index.json", node_type_index)
+            _fsync_tree(staging)
+            final = root / f"v{version}"
+            staging.rename(final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _switch(model_path, name, version)
     logger.info("published pipeline %s version %d with %d new models", name, version, written)
     return final
 
 
+def _fill(
+    staging: Path,
+    model_path: Path,
+    name: str,
+    models: Iterable[PublishedModel],
+    given: dict[str, Any],
+) -> tuple[int, int]:
+    """The previous version's files plus ``models``; the new version number and model count."""
+    previous = model_path / name
+    if previous.is_dir():
+        shutil.copytree(previous, staging, dirs_exist_ok=True, symlinks=False)
+    metadata = _pipeline_metadata(staging, name, given)
+    written = _write_models(staging, models)
+    _write_model_tables(staging)
+    version = max(list_versions(model_path, name), default=0) + 1
+    metadata["version"] = version
+    _write_json(staging / "metadata.json", metadata)
+    return version, written
+
+
 def switch_to(model_path: Path, name: str, version: int) -> None:
-    """Point the pipeline link at ``version`` with one atomic rename."""
+    """Serve ``version`` of pipeline ``name``: the link is replaced with one atomic rename."""
+    with pipeline_lock(model_path, name):
+        _switch(model_path, name, version)
+
+
+def _switch(model_path: Path, name: str, version: int) -> None:
     target = versions_root(model_path, name) / f"v{version}"
     if not (target / "metadata.json").is_file():
         raise PipelineNotFoundError(f"pipeline {name} has no complete version {version}")
-    link = model_path / name
-    if link.exists() and not link.is_symlink():
-        _adopt_unversioned(model_path, name)
+    _adopt_unversioned(model_path, name)
     temporary = model_path / f".{name}.link-{os.getpid()}"
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(Path(VERSIONS_DIR) / name / f"v{version}", target_is_directory=True)
-    os.replace(temporary, link)
+    os.replace(temporary, model_path / name)
+    _fsync_dir(model_path)
 
 
 def _adopt_unversioned(model_path: Path, name: str) -> None:
     """Move a plain pipeline folder (copied in by hand) into the versions as the next one."""
+    folder = model_path / name
+    if folder.is_symlink() or not folder.is_dir():
+        return
     version = max(list_versions(model_path, name), default=0) + 1
-    destination = versions_root(model_path, name) / f"v{version}"
-    (model_path / name).rename(destination)
+    folder.rename(versions_root(model_path, name) / f"v{version}")
+    _switch(model_path, name, version)
     logger.info("adopted unversioned pipeline %s as version %d", name, version)
+
+
+def _remove_leftovers(model_path: Path, name: str) -> None:
+    """Delete what killed writers left: staging folders and temporary links (lock held)."""
+    root = versions_root(model_path, name)
+    for staging in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.warning("removed %s, left by an interrupted publish of %s", staging, name)
+    for link in model_path.glob(f".{name}.link-*"):
+        link.unlink(missing_ok=True)
 
 
 def _pipeline_metadata(staging: Path, name: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -206,11 +269,23 @@ def _table_row(metadata: dict[str, Any], group: str) -> dict[str, Any]:
 
 
 def _fsync_tree(root: Path) -> None:
-    """Flush every file to disk before the version becomes visible."""
+    """Flush every file and folder to disk before the version becomes visible."""
     for path in root.rglob("*"):
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames and new names in ``folder`` durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def zip_pipeline(pipeline_dir: Path) -> bytes:
@@ -223,18 +298,28 @@ def zip_pipeline(pipeline_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
+def _require_versions(model_path: Path, name: str) -> None:
+    """Refuse a name without versions before taking its lock (which would create its folder)."""
+    if not list_versions(model_path, check_pipeline_name(name)):
+        known = ", ".join(versioned_names(model_path)) or "none"
+        raise PipelineNotFoundError(f"pipeline {name} has no published versions; known: {known}")
+
+
 def rollback(model_path: Path, name: str, to: int | None = None) -> int:
-    """Serve an earlier version again: ``to``, or the one before the current."""
-    versions = list_versions(model_path, name)
-    current = current_version(model_path, name)
-    if to is None:
-        older = [v for v in versions if current is None or v < current]
-        if not older:
-            raise PipelineNotFoundError(f"pipeline {name} has no version before {current}")
-        to = older[-1]
-    if to not in versions:
-        raise PipelineNotFoundError(f"pipeline {name} has no version {to}; has {versions}")
-    switch_to(model_path, name, to)
+    """Serve an earlier version again: ``to``, or the newest one before the current."""
+    _require_versions(model_path, name)
+    with pipeline_lock(model_path, name):
+        versions = list_versions(model_path, name)
+        current = current_version(model_path, name)
+        if to is None:
+            older = [v for v in versions if current is None or v < current]
+            if not older:
+                raise PipelineNotFoundError(f"pipeline {name} has no version before {current}")
+            to = older[-1]
+        if to not in versions:
+            raise PipelineNotFoundError(f"pipeline {name} has no version {to}; has {versions}")
+        _switch(model_path, name, to)
+    logger.info("pipeline %s rolled back from version %s to %d", name, current, to)
     return to
 
 
@@ -242,9 +327,49 @@ def prune(model_path: Path, name: str, keep: int) -> list[int]:
     """Delete all but the newest ``keep`` versions; the served one is always kept."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    current = current_version(model_path, name)
-    versions = list_versions(model_path, name)
-    doomed = [v for v in versions[:-keep] if v != current]
-    for version in doomed:
-        shutil.rmtree(versions_root(model_path, name) / f"v{version}")
+    _require_versions(model_path, name)
+    with pipeline_lock(model_path, name):
+        _remove_leftovers(model_path, name)
+        current = current_version(model_path, name)
+        versions = list_versions(model_path, name)
+        doomed = [v for v in versions[:-keep] if v != current]
+        for version in doomed:
+            shutil.rmtree(versions_root(model_path, name) / f"v{version}")
+    if doomed:
+        logger.info("pipeline %s: pruned versions %s", name, doomed)
     return doomed
+
+
+def versioned_names(model_path: Path) -> list[str]:
+    """Names of the pipelines that have versions under ``MODEL_PATH``."""
+    root = model_path / VERSIONS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _PIPELINE_NAME.match(p.name))
+
+
+def published_pipelines(model_path: Path) -> list[PipelineVersions]:
+    """Every pipeline under ``MODEL_PATH``, versioned or not, with what it serves."""
+    names = set(versioned_names(model_path))
+    if model_path.is_dir():
+        names |= {
+            p.name
+            for p in model_path.iterdir()
+            if not p.name.startswith(".") and (p / "metadata.json").is_file()
+        }
+    return [describe(model_path, name) for name in sorted(names)]
+
+
+def describe(model_path: Path, name: str) -> PipelineVersions:
+    """What pipeline ``name`` serves now and which versions it keeps."""
+    folder = model_path / name
+    metadata: dict[str, Any] = {}
+    if (folder / "metadata.json").is_file():
+        metadata = json.loads((folder / "metadata.json").read_text())
+    return PipelineVersions(
+        name=name,
+        current=current_version(model_path, name),
+        versions=list_versions(model_path, name),
+        last_update_time=str(metadata.get("last_update_time", "")),
+        model_count=len(list(folder.glob("*/*/*/*.zip"))) if folder.is_dir() else 0,
+    )

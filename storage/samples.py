@@ -1,5 +1,9 @@
 """The store of raw Prometheus samples: one DuckDB file, loads recorded, duplicates ignored.
 
+Watermarks record, per Prometheus server and metric, up to which time the samples have been
+fetched; they move in the same transaction as the samples they cover, so a failed load leaves
+both untouched.
+
 A ``SampleStore`` holds one DuckDB connection and is not thread-safe: give each thread (or
 process) its own store, or serialise calls. DuckDB also locks the file, so only one process may
 open it for writing at a time.
@@ -33,6 +37,9 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS loads ("
     " load_id BIGINT PRIMARY KEY DEFAULT nextval('load_ids'), origin VARCHAR NOT NULL,"
     " loaded_at TIMESTAMP NOT NULL, samples_seen BIGINT NOT NULL, samples_added BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS watermarks ("
+    " server VARCHAR NOT NULL, metric VARCHAR NOT NULL, until DOUBLE NOT NULL,"
+    " updated_at TIMESTAMP NOT NULL, PRIMARY KEY (server, metric))",
 )
 
 _INCOMING = "incoming_samples"
@@ -51,6 +58,15 @@ class LoadResult:
     samples_seen: int
     samples_added: int
     loaded_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Samples of ``metric`` from the Prometheus at ``server`` are stored up to ``until``."""
+
+    server: str
+    metric: str
+    until: float
 
 
 class SampleStore:
@@ -78,8 +94,11 @@ class SampleStore:
     def close(self) -> None:
         self._con.close()
 
-    def ingest(self, frame: pl.DataFrame, origin: str) -> LoadResult:
-        """Add the samples not stored yet, all or nothing, and record the load."""
+    def ingest(
+        self, frame: pl.DataFrame, origin: str, watermarks: Sequence[Watermark] = ()
+    ) -> LoadResult:
+        """Add the samples not stored yet and move ``watermarks`` forward, all or nothing, and
+        record the load. A watermark never moves back."""
         incoming = _checked(frame)
         loaded_at = datetime.now(UTC).replace(tzinfo=None)
 
@@ -89,6 +108,7 @@ class SampleStore:
                 self._insert_series()
                 added = self._insert_samples()
                 load_id = self._record_load(origin, loaded_at, incoming.height, added)
+                self._advance(watermarks, loaded_at)
         finally:
             self._con.unregister(_INCOMING)
 
@@ -135,6 +155,13 @@ class SampleStore:
         frame: pl.DataFrame = self._con.sql(query, params=params).pl()
         return frame.cast(SAMPLE_SCHEMA)
 
+    def watermarks(self, server: str) -> dict[str, float]:
+        """Metric -> time up to which its samples from ``server`` are stored."""
+        rows = self._con.execute(
+            "SELECT metric, until FROM watermarks WHERE server = $server", {"server": server}
+        ).fetchall()
+        return {str(metric): float(until) for metric, until in rows}
+
     def time_range(self) -> tuple[float, float] | None:
         """Earliest and latest stored timestamp; None for an empty store."""
         rows = self._con.sql("SELECT min(timestamp), max(timestamp) FROM samples").fetchall()
@@ -174,6 +201,15 @@ class SampleStore:
             {"origin": origin, "at": loaded_at, "seen": seen, "added": added},
         ).fetchall()
         return int(rows[0][0])
+
+    def _advance(self, watermarks: Sequence[Watermark], at: datetime) -> None:
+        for mark in watermarks:
+            self._con.execute(
+                "INSERT INTO watermarks VALUES ($server, $metric, $until, $at)"
+                " ON CONFLICT (server, metric) DO UPDATE"
+                " SET until = greatest(until, excluded.until), updated_at = excluded.updated_at",
+                {"server": mark.server, "metric": mark.metric, "until": mark.until, "at": at},
+            ).fetchall()
 
     def _changed(self, statement: str, params: dict[str, Any] | None = None) -> int:
         rows = self._con.execute(statement, params or {}).fetchall()

@@ -109,6 +109,6 @@ def test_unknown_isolator_is_rejected() -> None:
         make_isolator("median")
 
 
-def test_isolator_not_built_yet_says_so() -> None:
-    with pytest.raises(UnknownIsolatorError, match="not available yet"):
+def test_isolator_that_needs_an_idle_profile_says_so() -> None:
+    with pytest.raises(TypeError, match="profile"):
         make_isolator("profile")

@@ -27,9 +27,10 @@ from modelling.power_model import PowerModel
 from modelling.trainers import make_trainer
 from modelling.training import TrainingSet, train_model
 from modelling.vocabulary import FEATURE_GROUPS
+from serving.initial_pipelines import load_initial_pipelines
 from serving.model_server import create_app
 from storage.catalogue import LiveCatalogue
-from storage.pipelines import PublishedModel, publish, zip_pipeline
+from storage.pipelines import PublishedModel, publish, rollback, zip_pipeline
 from tests.conftest import running_server
 
 OLD_DB = Path(__file__).parent / "data" / "model-db"
@@ -239,6 +240,37 @@ BAD_REQUESTS = [
     ("machine_spec not an object", {**GO_REQUEST, "machine_spec": 3}, 422, "machine_spec"),
     ("no model covers metrics", {**GO_REQUEST, "metrics": ["cpu_cycles"]}, 404, "no published"),
     ("huge body", b" " * (5 * 1024 * 1024), 413, "exceeds the"),
+    ("empty body", b"", 400, "not valid JSON"),
+    ("null body", b"null", 422, "valid dictionary"),
+    ("trailing garbage", json.dumps(GO_REQUEST).encode() + b"}", 400, "Extra data"),
+    (
+        "NaN node_type",
+        b'{"metrics": ["a"], "output_type": "AbsPower", "node_type": NaN}',
+        422,
+        "node_type",
+    ),
+    ("huge metrics array", {**GO_REQUEST, "metrics": ["m"] * 100_000}, 422, "at most 1024"),
+    ("huge number", {**GO_REQUEST, "node_type": 10**400}, 422, "node_type"),
+    (
+        "unknown field instead of metrics",
+        {"metric": BPF_METRICS, "output_type": "AbsPower"},
+        422,
+        "unknown fields ignored: metric",
+    ),
+    (
+        "machine_spec negative cores",
+        {**GO_REQUEST, "machine_spec": {"cores": -4}},
+        422,
+        "machine_spec.cores",
+    ),
+    ("unknown pipeline_name", {**GO_REQUEST, "pipeline_name": "nope"}, 404, "no published"),
+    (
+        "trainer without weights",
+        {**GO_REQUEST, "trainer_name": "GradientBoostingRegressorTrainer"},
+        404,
+        "no published",
+    ),
+    ("filter excludes every model", {**GO_REQUEST, "filter": "mae:0"}, 404, "no published"),
 ]
 
 
@@ -385,9 +417,9 @@ def test_old_model_db_archives_are_served_byte_for_byte(old_db: httpx.Client, na
     assert reply.content == (OLD_BPF / f"{name}.zip").read_bytes()
 
 
-def zip_of(files: dict[str, bytes]) -> bytes:
+def zip_of(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
@@ -447,12 +479,269 @@ def test_given_catalogue_is_served_as_is(model_path: Path, tmp_path: Path) -> No
     assert names == {PIPELINE, "ec2-0.7.11"}
 
 
+def test_unknown_fields_are_ignored_and_named_in_a_header(client: httpx.Client) -> None:
+    reply = client.post("/model", json={**GO_REQUEST, "model_name": "", "spec": {"cores": 8}})
+
+    assert reply.status_code == 200
+    assert reply.headers["x-ignored-fields"] == "model_name, spec"
+
+
+def test_weight_requests_get_weight_capable_trainers_only(old_db: httpx.Client) -> None:
+    archive = old_db.post("/model", json={**GO_REQUEST, "weight": False, "trainer_name": ""})
+    weights = old_db.post("/model", json={**GO_REQUEST, "trainer_name": ""})
+
+    assert archive.headers["x-model-name"] == "GradientBoostingRegressorTrainer_1"  # MAE 3.12
+    assert weights.headers["x-model-name"] == "SGDRegressorTrainer_1"  # MAE 18.35
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "status"),
+    [
+        ("mae:1000", 200),
+        ("mae:0", 404),
+        ("mape:1000;mae:1000", 200),
+        ("mape:0", 404),
+        ("package_mae:1000", 200),
+        ("dram_mae:0", 404),
+        ("features:bpf_cpu_time_ms,bpf_page_cache_hit,cpu_cycles", 200),
+        ("features:bpf_cpu_time_ms", 404),
+    ],
+)
+def test_filters_bound_errors_and_features(
+    client: httpx.Client, filter_text: str, status: int
+) -> None:
+    reply = client.post("/model", json={**GO_REQUEST, "filter": filter_text})
+
+    assert reply.status_code == status
+    if status == 404:
+        assert reply.json()["searched"]["filter"] == filter_text
+
+
+@pytest.fixture(scope="module")
+def two_pipelines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """The default pipeline (bias 100) and another one (bias 300), both SGD on node type 0."""
+    path = tmp_path_factory.mktemp("two-pipelines")
+    publish_bpf(path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=100.0))
+    publish_bpf(path, "other", bpf_model("SGDRegressorTrainer", 0, bias=300.0))
+    settings = Settings(model_path=path, initial_pipeline_url="", default_pipeline=PIPELINE)
+    with running(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("asked", "served"), [("", PIPELINE), ("other", "other")])
+def test_pipeline_name_is_honoured(two_pipelines: httpx.Client, asked: str, served: str) -> None:
+    reply = two_pipelines.post("/model", json={**GO_REQUEST, "pipeline_name": asked})
+
+    assert reply.status_code == 200
+    assert reply.headers["x-pipeline"] == served
+
+
+def test_no_model_reply_lists_the_pipelines_loaded(two_pipelines: httpx.Client) -> None:
+    reply = two_pipelines.post("/model", json={**GO_REQUEST, "pipeline_name": "nope"})
+
+    assert reply.status_code == 404
+    assert reply.json()["searched"]["pipeline"] == "nope"
+    assert reply.json()["pipelines"] == [PIPELINE, "other"]
+
+
+def curve_model(node_type: int = 0) -> PowerModel:
+    """A logarithmic model whose only varying component (package) is fitted on CPU time."""
+    rng = np.random.default_rng(7)
+    x = np.column_stack([rng.uniform(1, 50_000, 300), rng.uniform(0, 100, 300)])
+    zero = np.zeros(300)
+    y = {"package": 20 + 30 * np.log1p(x[:, 0] / 5_000), "core": zero, "dram": zero}
+    data = TrainingSet(x, y, FEATURE_GROUPS["BPFOnly"], "BPFOnly", "AbsPower", node_type)
+    return train_model(make_trainer("LogarithmicRegressionTrainer"), data)
+
+
+@pytest.fixture(scope="module")
+def curve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    path = tmp_path_factory.mktemp("curve")
+    publish_bpf(path, PIPELINE, curve_model())
+    with running(create_app(Settings(model_path=path, initial_pipeline_url=""))) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("metrics", "status"),
+    [(BPF_METRICS, 200), (list(reversed(BPF_METRICS)), 404)],
+    ids=["curve feature first", "curve feature second"],
+)
+def test_curve_weights_are_served_only_when_kepler_feeds_the_curve_its_feature(
+    curve_server: httpx.Client, metrics: list[str], status: int
+) -> None:
+    request = {**GO_REQUEST, "metrics": metrics, "trainer_name": "LogarithmicRegressionTrainer"}
+
+    reply = curve_server.post("/model", json=request)
+
+    assert reply.status_code == status
+    if status == 200:
+        assert len(reply.json()["package"]["All_Weights"]["CurveFit_Weights"]) == 3
+
+
+def test_one_models_metadata_by_its_place(client: httpx.Client, model_path: Path) -> None:
+    reply = client.get(f"/models/{PIPELINE}/rapl-sysfs/AbsPower/BPFOnly/SGDRegressorTrainer_0")
+
+    assert reply.status_code == 200
+    body = reply.json()
+    archive = model_file(model_path, "SGDRegressorTrainer_0", ".zip")
+    with zipfile.ZipFile(archive) as handle:
+        assert body["metadata"] == json.loads(handle.read("metadata.json"))
+    assert body["pipeline_version"] == 1
+    assert body["weight_capable"] is True
+    assert body["archive_bytes"] == archive.stat().st_size
+    assert body["features"] == BPF_METRICS
+
+
+@pytest.mark.parametrize(
+    ("path", "words", "listed"),
+    [
+        ("nope/rapl-sysfs/AbsPower/BPFOnly/SGDRegressorTrainer_0", "no pipeline", PIPELINE),
+        (
+            f"{PIPELINE}/rapl-sysfs/DynPower/BPFOnly/SGDRegressorTrainer_0",
+            "has no model",
+            "rapl-sysfs/AbsPower/BPFOnly/SGDRegressorTrainer_0",
+        ),
+    ],
+)
+def test_an_unknown_model_is_404_naming_what_exists(
+    client: httpx.Client, path: str, words: str, listed: str
+) -> None:
+    reply = client.get(f"/models/{path}")
+
+    assert reply.status_code == 404
+    assert words in reply.json()["error"]
+    assert listed in reply.json()["available"]
+
+
+def test_pipelines_show_the_served_version_and_those_kept(tmp_path: Path) -> None:
+    for bias in (100.0, 200.0):
+        publish_bpf(tmp_path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=bias))
+    with running(create_app(Settings(model_path=tmp_path, initial_pipeline_url=""))) as client:
+        (pipeline,) = client.get("/pipelines").json()["pipelines"]
+
+    assert (pipeline["version"], pipeline["versions"]) == (2, [1, 2])
+    assert pipeline["metadata"]["version"] == 2
+
+
+def test_a_rollback_is_served_without_restart(tmp_path: Path) -> None:
+    publish_bpf(tmp_path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=100.0))
+    first = json.loads(model_file(tmp_path, "SGDRegressorTrainer_0", ".json").read_text())
+    publish_bpf(tmp_path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=200.0))
+    request = {**GO_REQUEST, "node_type": 0}
+    with running(create_app(Settings(model_path=tmp_path, initial_pipeline_url=""))) as client:
+        before = client.post("/model", json=request).json()["package"]
+
+        rollback(tmp_path, PIPELINE)
+        deadline = time.monotonic() + 10
+        while (served := client.post("/model", json=request).json())["package"] == before:
+            assert time.monotonic() < deadline, "rollback not served within 10 s"
+            time.sleep(0.1)
+
+    assert served["package"] == first["package"]
+
+
+def metric_value(text: str, name: str, labels: dict[str, str]) -> float:
+    """The value of the sample of ``name`` carrying all of ``labels``."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} sample with {labels}")
+
+
+def test_metrics_expose_the_published_weights(client: httpx.Client, model_path: Path) -> None:
+    published = json.loads(model_file(model_path, "SGDRegressorTrainer_0", ".json").read_text())
+    package = published["package"]["All_Weights"]
+    cpu = package["Numerical_Variables"]["bpf_cpu_time_ms"]
+    model = {"pipeline": PIPELINE, "model": "SGDRegressorTrainer_0", "component": "package"}
+    name = "kepler_model_server_model_weight"
+
+    text = client.get("/metrics").text
+
+    assert metric_value(text, name, {**model, "kind": "bias"}) == package["Bias_Weight"]
+    cpu_labels = {**model, "feature": "bpf_cpu_time_ms"}
+    assert metric_value(text, name, {**cpu_labels, "kind": "weight"}) == cpu["weight"]
+    assert metric_value(text, name, {**cpu_labels, "kind": "scale"}) == cpu["scale"]
+    assert 'model="GradientBoostingRegressorTrainer_0"' not in "\n".join(
+        line for line in text.splitlines() if line.startswith(name)
+    )
+
+
+def test_metrics_expose_curve_parameters_with_their_feature(curve_server: httpx.Client) -> None:
+    reply = curve_server.post("/model", json={**GO_REQUEST, "trainer_name": ""})
+    params = reply.json()["package"]["All_Weights"]["CurveFit_Weights"]
+    labels = {"component": "package", "feature": "bpf_cpu_time_ms"}
+
+    text = curve_server.get("/metrics").text
+
+    for index, param in enumerate(params):
+        kind = {"kind": f"curve_fit_{index}"}
+        value = metric_value(text, "kepler_model_server_model_weight", {**labels, **kind})
+        assert value == pytest.approx(param)
+
+
+def test_metrics_count_every_route_including_model_lookups(client: httpx.Client) -> None:
+    client.get(f"/models/{PIPELINE}/rapl-sysfs/AbsPower/BPFOnly/nope")
+
+    text = client.get("/metrics").text
+
+    route = "/models/{pipeline}/{source}/{output_type}/{group}/{name}"
+    labels = {"method": "GET", "route": route, "status": "404"}
+    assert metric_value(text, "kepler_model_server_requests_total", labels) >= 1
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        ({"metadata.json": b"{}", "/etc/evil.json": b"{}"}, "absolute path"),
+        ({"metadata.json": b"{}", "a/../../evil.json": b"{}"}, "escapes"),
+        ({"metadata.json": b"{}", "big.json": b"0" * 50_000}, "unpacks to more than 4096"),
+    ],
+    ids=["absolute path", "parent escape", "too large"],
+)
+def test_downloaded_archives_are_checked_before_unpacking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, members: dict[str, bytes], words: str
+) -> None:
+    archive = tmp_path / "pipeline.zip"
+    archive.write_bytes(zip_of(members, zipfile.ZIP_DEFLATED))
+
+    with caplog.at_level("WARNING"):
+        loaded = load_initial_pipelines(str(archive), tmp_path / "out", max_bytes=4096)
+
+    assert loaded == []
+    assert words in caplog.text
+    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "evil.json").exists()
+
+
+def test_pickles_in_downloaded_pipelines_are_kept_as_bytes_never_loaded(tmp_path: Path) -> None:
+    pickled = OLD_BPF / "GradientBoostingRegressorTrainer_0.zip"
+    with zipfile.ZipFile(pickled) as handle:
+        assert any(n.endswith(".pkl") for n in handle.namelist())
+    source = tmp_path / "pipeline.zip"
+    source.write_bytes(zip_pipeline(OLD_DB / "ec2-0.7.11"))
+
+    (folder,) = load_initial_pipelines(str(source), tmp_path / "out")
+
+    copied = folder / "rapl-sysfs" / "AbsPower" / "BPFOnly" / pickled.name
+    assert copied.read_bytes() == pickled.read_bytes()
+
+
 def test_openapi_describes_the_model_request(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
 
-    request = schema["components"]["schemas"]["ModelRequest"]
-    assert request["required"] == ["metrics", "output_type"]
-    assert set(schema["paths"]) >= {"/model", "/best-models", "/healthz", "/readyz"}
+    schemas = schema["components"]["schemas"]
+    assert schemas["ModelRequest"]["required"] == ["metrics", "output_type"]
+    assert {"ErrorReply", "NoModelReply", "ModelReply", "PipelinesReply"} <= set(schemas)
+    assert set(schema["paths"]) >= {
+        "/model",
+        "/best-models",
+        "/pipelines",
+        "/models/{pipeline}/{source}/{output_type}/{group}/{name}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
@@ -464,11 +753,17 @@ def test_generated_requests_never_get_a_server_error(client: httpx.Client, mode:
     from schemathesis.generation.modes import GenerationMode
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
+        response_schema_conformance,
         status_code_conformance,
     )
 
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance]
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
     base_url = str(client.base_url)
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

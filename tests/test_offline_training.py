@@ -166,3 +166,78 @@ def test_training_again_ingests_nothing_new_and_publishes_a_new_version(
     # models this run did not retrain are carried over into the new version
     carried = model_path / "real-2023/rapl-sysfs/AbsPower/CounterOnly"
     assert (carried / "GradientBoostingRegressorTrainer_0.zip").is_file()
+
+
+SGD = ["SGDRegressorTrainer"]
+XEON = {
+    "processor": "Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz",
+    "cores": 72,
+    "chips": 2,
+    "memory": 503,
+    "frequency": 3000,
+}
+EPYC = {"processor": "amd_epyc_7763", "cores": 128, "chips": 2, "memory": 512, "frequency": 3500}
+
+
+def test_machine_specs_assign_node_types_and_keep_earlier_ones(
+    tmp_path: Path, workload_dump: Path, prefect_harness: None
+) -> None:
+    common = {
+        "input": str(workload_dump),
+        "pipeline": "typed",
+        "abs_trainers": SGD,
+        "dyn_trainers": SGD,
+        "model_path": str(tmp_path / "models"),
+        "db_path": str(tmp_path / "db.duckdb"),
+    }
+    offline_training(**common, machine_spec=XEON)
+    offline_training(**common, machine_spec=EPYC)
+
+    pipeline = tmp_path / "models" / "typed"
+    index = json.loads((pipeline / "node_type_index.json").read_text())
+    assert index["0"]["attrs"]["processor"] == "intel_xeon_e5_2686v4"
+    assert index["1"]["attrs"]["processor"] == "amd_epyc_7763"
+    assert index["1"]["members"] == ["kind-control-plane"]
+    assert index["0"]["members"] == []
+    folder = pipeline / "rapl-sysfs" / "AbsPower" / "CounterOnly"
+    assert {p.name for p in folder.glob("*.zip")} == {
+        "SGDRegressorTrainer_0.zip",
+        "SGDRegressorTrainer_1.zip",
+    }
+    with zipfile.ZipFile(folder / "SGDRegressorTrainer_1.zip") as archive:
+        assert json.loads(archive.read("metadata.json"))["machine_spec"]["cores"] == 128
+
+
+def test_profile_isolator_removes_the_idle_runs_background(
+    tmp_path: Path, workload_dump: Path, idle_dump: Path, prefect_harness: None
+) -> None:
+    report = offline_training(
+        input=str(workload_dump),
+        idle=str(idle_dump),
+        pipeline="profiled",
+        isolator="ProfileBackgroundIsolator",
+        abs_trainers=SGD,
+        dyn_trainers=SGD,
+        model_path=str(tmp_path / "models"),
+        db_path=str(tmp_path / "db.duckdb"),
+    )
+    metadata = json.loads((tmp_path / "models/profiled/metadata.json").read_text())
+    assert metadata["isolator"] == "profile"
+    assert report["failures"] == []
+    assert {m["output_type"] for m in report["models"]} == {"AbsPower", "DynPower"}
+
+
+def test_profile_isolator_without_an_idle_run_fails_with_a_reason(
+    tmp_path: Path, workload_dump: Path, prefect_harness: None
+) -> None:
+    with pytest.raises(ValueError, match="needs an idle run"):
+        offline_training(
+            input=str(workload_dump),
+            pipeline="no-idle",
+            isolator="profile",
+            abs_trainers=SGD,
+            dyn_trainers=SGD,
+            model_path=str(tmp_path / "models"),
+            db_path=str(tmp_path / "db.duckdb"),
+        )
+    assert not (tmp_path / "models" / "no-idle").exists()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import time
+import tracemalloc
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 
 from kepler_model.settings import Settings
 from serving.train_api import create_train_app
+from serving.train_request import TrainRequestError, parse_train_request, prepare_training
 from tests.conftest import running_server
 
 SGD_ONLY = {"abs_trainers": ["SGDRegressorTrainer"], "dyn_trainers": ["SGDRegressorTrainer"]}
@@ -68,8 +72,59 @@ def test_seed_spelling_prome_response_is_accepted(train_api: str, dump: dict) ->
     assert reply.status_code == 200, reply.text
 
 
+def request_body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+DUMP: dict[str, Any] = {"kepler_node_info": []}
+
 BAD_REQUESTS = [
     ("invalid JSON", b"{not json", {}, 400, "not valid JSON"),
+    ("empty body", b"", {}, 400, "not valid JSON"),
+    ("not UTF-8", b'{"name": "\xff"}', {}, 400, "not UTF-8"),
+    ("trailing garbage", request_body(name="x", prom_response=DUMP) + b"]", {}, 400, "Extra"),
+    ("deeply nested", b'{"name": ' + b"[" * 100_000, {}, 400, "not valid JSON"),
+    ("body not an object", b"[1, 2]", {}, 422, "valid dictionary"),
+    ("gzip not gzip", b"plain", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+    (
+        "data after the gzip stream",
+        gzip.compress(request_body(name="x", prom_response=DUMP)) + b"junk",
+        {"Content-Encoding": "gzip"},
+        400,
+        "after the end of its gzip stream",
+    ),
+    ("empty dump", request_body(name="x", prom_response={}), {}, 422, "holds no metrics"),
+    ("dump a list", request_body(name="x", prom_response=[1]), {}, 422, "metric name ->"),
+    (
+        "idle dump not an object",
+        request_body(name="x", prom_response=DUMP, trainer={"idle_prom_response": 3}),
+        {},
+        422,
+        "trainer.idle_prom_response",
+    ),
+    ("unknown field", request_body(name="x", prom_response=DUMP, colour=1), {}, 422, "colour"),
+    ("name not a string", request_body(name=7, prom_response=DUMP), {}, 422, "name"),
+    (
+        "node_type text",
+        request_body(name="x", prom_response=DUMP, node_type="one"),
+        {},
+        422,
+        "node_type",
+    ),
+    (
+        "unknown source",
+        request_body(name="x", prom_response=DUMP, energy_source="solar"),
+        {},
+        422,
+        "unknown energy source",
+    ),
+    (
+        "trainers not a list",
+        request_body(name="x", prom_response=DUMP, trainer={"abs_trainers": "SGD"}),
+        {},
+        422,
+        "abs_trainers",
+    ),
     (
         "truncated gzip",
         gzip.compress(b'{"name": "x"}')[:-6],
@@ -127,3 +182,102 @@ def test_bad_requests_get_a_clear_error_and_the_api_keeps_serving(
     assert reply.status_code == status, reply.text
     assert words in reply.json()["error"]
     assert httpx.get(f"{train_api}/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A train API that takes bodies of at most 1 MB (after decompression); never trains."""
+    path = tmp_path_factory.mktemp("small-api") / "models"
+    settings = Settings(model_path=path, train_max_body_bytes=1_000_000)
+    with running_server(create_train_app(settings)) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b" " * 1_100_000, {}),
+        (gzip.compress(b" " * 50_000_000, compresslevel=1), {"Content-Encoding": "gzip"}),
+    ],
+    ids=["plain", "gzip bomb"],
+)
+def test_bodies_over_the_limit_are_refused_without_being_inflated(
+    small_api: str, body: bytes, headers: dict[str, str]
+) -> None:
+    reply = post(small_api, body, headers)
+
+    assert reply.status_code == 413
+    assert "larger than 1000000 bytes" in reply.json()["error"]
+    assert httpx.get(f"{small_api}/healthz").json() == {"status": "ok", "training": []}
+
+
+def test_reading_a_body_keeps_its_dumps_as_text_spans(dump: dict[str, Any]) -> None:
+    idle = {"kepler_node_info": dump["kepler_node_info"]}
+    body = {"name": "x", "prome_response": dump, "trainer": {"idle_prom_response": idle}}
+    text = json.dumps(body, indent=1)
+
+    request = parse_train_request(text)
+
+    span = request.prom_response
+    assert json.loads(text[span.start : span.end]) == dump
+    assert span.metrics == len(dump)
+    idle_span = request.trainer.idle_prom_response
+    assert idle_span is not None and json.loads(text[idle_span.start : idle_span.end]) == idle
+
+
+def test_preparing_a_large_body_never_holds_the_dump_as_objects(
+    dump: dict[str, Any], tmp_path: Path
+) -> None:
+    """json.loads of a dump costs about 7 times its size; reading it as text costs 2 times
+    (the file's bytes, then its text), plus one series at a time."""
+    body = tmp_path / "body.json"
+    replicas = {f"{metric}_{k}": series for metric, series in dump.items() for k in range(2)}
+    body.write_text(json.dumps({"name": "large", "prom_response": replicas}))
+    size = body.stat().st_size
+
+    tracemalloc.start()
+    try:
+        job = prepare_training(body, tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 2.2 * size, f"peak {peak} bytes for a {size} byte body"
+    assert job.workload.stat().st_size > 0.99 * size
+    with job.workload.open() as handle:
+        assert len(json.load(handle)) == len(replicas)
+
+
+def test_a_syntax_error_inside_a_dump_names_its_position() -> None:
+    text = '{"name": "x", "prom_response": {"m": [{"values": [[1, "2"]}]}}'
+
+    with pytest.raises(TrainRequestError, match="line 1 column"):
+        parse_train_request(text)
+
+
+def wait_until_training(url: str, names: set[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not names <= set(httpx.get(f"{url}/healthz").json()["training"]):
+        assert time.monotonic() < deadline, f"{names} not training within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_two_pipelines_train_side_by_side_and_a_repeat_is_refused(
+    train_api: str, dump: dict
+) -> None:
+    names = ("side-a", "side-b")
+    bodies = {n: request_body(name=n, trainer=SGD_ONLY, prom_response=dump) for n in names}
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        running = {n: pool.submit(post, train_api, body) for n, body in bodies.items()}
+        wait_until_training(train_api, set(names))
+        refused = post(train_api, bodies["side-a"])
+        replies = {n: future.result() for n, future in running.items()}
+
+    assert refused.status_code == 409
+    assert "side-a is already being trained" in refused.json()["error"]
+    for name, reply in replies.items():
+        assert reply.status_code == 200, reply.text
+        with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+            assert json.loads(archive.read("metadata.json"))["name"] == name
+    assert replies["side-a"].headers["x-flow-run-id"] != replies["side-b"].headers["x-flow-run-id"]
