@@ -9,31 +9,16 @@ published.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows.leaderboard import publish_leaderboard, record_results
-from flows.tasks import (
-    TrainingReport,
-    extract_features,
-    fit_all,
-    ingest_dump,
-    isolation_arguments,
-    load_samples,
-    node_type_of_instances,
-    plan_fits,
-    publish_models,
-    published_node_type_index,
-    resolve_node_types,
-)
-from modelling.isolate import isolator_name
+from flows.tasks import TrainingReport, extract_features, ingest_dump, load_samples
+from flows.train_and_publish import DEFAULT_TRAINERS, TrainingPlan, train_and_publish
+from modelling.isolate import isolator_class_name
 from modelling.vocabulary import normalise_source
-
-DEFAULT_TRAINERS = ["SGDRegressorTrainer", "GradientBoostingRegressorTrainer"]
 
 
 @flow(name="offline-training")
@@ -61,7 +46,19 @@ def offline_training(
     per feature group, output type and node type is the one lowest in ``error_key``.
     """
     source = normalise_source(energy_source)
-    isolator_label = isolator_name(isolator)
+    plan = TrainingPlan(
+        pipeline=pipeline,
+        model_path=Path(model_path),
+        abs_trainers=abs_trainers or DEFAULT_TRAINERS,
+        dyn_trainers=dyn_trainers or DEFAULT_TRAINERS,
+        isolator=isolator_class_name(isolator),
+        isolator_args=isolator_args or {},
+        idle=idle,
+        node_type=node_type,
+        machine_spec=machine_spec,
+        node_type_index=node_type_index,
+        error_key=error_key,
+    )
     report = TrainingReport(pipeline=pipeline)
 
     loads = [ingest_dump(Path(db_path), Path(input))]
@@ -72,50 +69,5 @@ def offline_training(
 
     samples = load_samples(Path(db_path), start, end)
     extraction = extract_features(samples, source, tuple(thirdparty_metrics or ()))
-    report.skipped_groups = dict(extraction.skipped_groups)
-    report.mappings = dict(extraction.mappings)
-
-    instances = sorted(extraction.node["instance"].unique())
-    node_type, machine_spec, node_type_index = resolve_node_types(
-        Path(model_path) / pipeline, instances, node_type, machine_spec, node_type_index
-    )
-    isolator_args = isolation_arguments(
-        isolator,
-        isolator_args or {},
-        idle,
-        source,
-        node_type,
-        node_type_index,
-        abs_trainers or DEFAULT_TRAINERS,
-    )
-    jobs = plan_fits(
-        extraction,
-        abs_trainers or DEFAULT_TRAINERS,
-        dyn_trainers or DEFAULT_TRAINERS,
-        isolator,
-        isolator_args,
-        node_type,
-        machine_spec,
-        node_type_index,
-    )
-    started, cpu_started = time.perf_counter(), time.process_time()
-    results = fit_all(jobs)
-    report.timings["fan_out_seconds"] = round(time.perf_counter() - started, 4)
-    report.timings["fan_out_cpu_seconds"] = round(time.process_time() - cpu_started, 4)
-    record_results(report, results, error_key)
-
-    metadata = {
-        "isolator": isolator_label,
-        "extractor": "default",
-        "abs_trainers": abs_trainers or DEFAULT_TRAINERS,
-        "dyn_trainers": dyn_trainers or DEFAULT_TRAINERS,
-        "data_window": {"start": start, "end": end},
-        "feature_mappings": report.mappings,
-        "error_key": error_key,
-    }
-    assigned = node_type_of_instances(instances, node_type, node_type_index)
-    index = published_node_type_index(assigned, node_type_index, node_type, machine_spec)
-    version, path = publish_models(Path(model_path), pipeline, results, metadata, index)
-    report.version, report.path = version, str(path or "")
-    publish_leaderboard(report, error_key)
+    train_and_publish(plan, extraction, report, {"data_window": {"start": start, "end": end}})
     return asdict(report)

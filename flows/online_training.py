@@ -14,27 +14,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.ingest import ingest
-from flows.leaderboard import publish_leaderboard, record_results
-from flows.offline_training import DEFAULT_TRAINERS
 from flows.prometheus_tasks import (
     FETCH_RETRIES,
     FETCH_RETRY_DELAY,
     apply_retention,
     training_bounds,
 )
-from flows.tasks import (
-    TrainingReport,
-    extract_features,
-    fit_all,
-    load_samples,
-    node_type_of_instances,
-    plan_fits,
-    publish_models,
-    published_node_type_index,
-    run_logger,
-)
+from flows.tasks import TrainingReport, extract_features, load_samples, run_logger
+from flows.train_and_publish import DEFAULT_TRAINERS, TrainingPlan, train_and_publish
 from kepler_model.settings import load_settings
-from modelling.isolate import make_isolator
+from modelling.isolate import isolator_class_name
 from modelling.vocabulary import normalise_source
 from storage.prometheus import duration_seconds
 
@@ -133,8 +122,18 @@ def train_from_store(
     when unset) and publish the models as a new version of ``pipeline``; the other arguments
     mean what they mean for offline-training."""
     source = normalise_source(energy_source)
-    isolator_name = make_isolator(isolator, **(isolator_args or {})).name
-    abs_names, dyn_names = abs_trainers or DEFAULT_TRAINERS, dyn_trainers or DEFAULT_TRAINERS
+    plan = TrainingPlan(
+        pipeline=pipeline,
+        model_path=Path(model_path),
+        abs_trainers=abs_trainers or DEFAULT_TRAINERS,
+        dyn_trainers=dyn_trainers or DEFAULT_TRAINERS,
+        isolator=isolator_class_name(isolator),
+        isolator_args=isolator_args or {},
+        node_type=node_type,
+        machine_spec=machine_spec,
+        node_type_index=node_type_index,
+        error_key=error_key,
+    )
     report = TrainingReport(pipeline=pipeline)
     window = duration_seconds(training_window) if training_window else None
 
@@ -143,36 +142,10 @@ def train_from_store(
         return asdict(report)
     samples = load_samples(Path(db_path), *bounds)
     extraction = extract_features(samples, source, tuple(thirdparty_metrics or ()))
-    report.skipped_groups = dict(extraction.skipped_groups)
-    report.mappings = dict(extraction.mappings)
-
-    jobs = plan_fits(
-        extraction,
-        abs_names,
-        dyn_names,
-        isolator,
-        isolator_args or {},
-        node_type,
-        machine_spec,
-        node_type_index,
-    )
-    results = fit_all(jobs)
-    record_results(report, results, error_key)
-
     metadata = {
-        "isolator": isolator_name,
-        "extractor": "default",
-        "abs_trainers": abs_names,
-        "dyn_trainers": dyn_names,
         "data_window": {"start": bounds[0], "end": bounds[1]},
         "data_origin": f"sample store {db_path}",
         "source_run_id": str(flow_run.id or ""),
-        "feature_mappings": report.mappings,
     }
-    instances = sorted(extraction.node["instance"].unique())
-    assigned = node_type_of_instances(instances, node_type, node_type_index)
-    index = published_node_type_index(assigned, node_type_index, node_type, machine_spec)
-    version, path = publish_models(Path(model_path), pipeline, results, metadata, index)
-    report.version, report.path = version, str(path or "")
-    publish_leaderboard(report, error_key)
+    train_and_publish(plan, extraction, report, metadata)
     return asdict(report)

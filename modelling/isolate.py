@@ -10,6 +10,7 @@ namespace, pod and container name, so a container restarted under a new id is st
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,10 @@ _NODE_LEVEL_FEATURES = frozenset((*SYSTEM_FEATURES, ACCELERATOR_FEATURE))
 
 class UnknownIsolatorError(ValueError):
     """An isolator name that is neither a known class name nor a metadata name."""
+
+
+class IsolatorArgumentError(ValueError):
+    """Arguments an isolator does not take, or required ones missing."""
 
 
 class IsolationInputError(ValueError):
@@ -357,4 +362,9 @@ def needs_idle_profile(name: str) -> bool:
 
 def make_isolator(name: str, **args: object) -> Isolator:
     """An isolator by class name ("MinIdleIsolator") or metadata name ("min")."""
-    return _ISOLATORS[isolator_class_name(name)](**args)
+    isolator = _ISOLATORS[isolator_class_name(name)]
+    try:
+        inspect.signature(isolator).bind(**args)
+    except TypeError as exc:
+        raise IsolatorArgumentError(f"isolator {name}: {exc}") from None
+    return isolator(**args)

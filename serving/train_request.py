@@ -15,11 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.offline_training import DEFAULT_TRAINERS
-from modelling.isolate import UnknownIsolatorError, make_isolator
+from flows.train_and_publish import DEFAULT_TRAINERS
+from modelling.isolate import UnknownIsolatorError, isolator_class_name
 from modelling.trainers import TRAINERS
 from modelling.vocabulary import normalise_source
-from serving.json_cursor import JsonCursor
+from storage.json_cursor import JsonCursor
 from storage.pipelines import check_pipeline_name
 
 DUMP_FIELDS = ("prom_response", "prome_response")
@@ -77,12 +77,18 @@ class TrainerSpec(BaseModel):
     @classmethod
     def known_isolator(cls, name: str) -> str:
         try:
-            make_isolator(name)
+            isolator_class_name(name)
         except UnknownIsolatorError as exc:
             raise ValueError(str(exc)) from None
-        except TypeError:
-            pass  # known, but needs isolator_args; checked when the flow builds it
         return name
+
+    @field_validator("isolator_args")
+    @classmethod
+    def no_server_paths(cls, args: dict[str, Any]) -> dict[str, Any]:
+        # The isolators also read a profile from a path; a client may not name server files.
+        if "profile" in args and not isinstance(args["profile"], dict):
+            raise ValueError("profile is the idle profile's JSON object, not a path")
+        return args
 
     @field_validator("idle_prom_response", mode="before")
     @classmethod

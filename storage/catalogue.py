@@ -329,13 +329,18 @@ def _log_match(entry: ModelEntry, match: NodeTypeMatch) -> None:
 
 
 def load_pipeline(path: Path) -> Pipeline:
-    """Index one pipeline folder: every model zip's metadata and weight JSON, nothing else."""
-    metadata = json.loads((path / "metadata.json").read_text())
-    index_file = path / "node_type_index.json"
+    """Index one pipeline folder: every model zip's metadata and weight JSON, nothing else.
+
+    A versioned pipeline is read through its version folder, not its link: an entry's
+    archive then stays that version's even after the link moves to a newer one.
+    """
+    folder = path.resolve()
+    metadata = json.loads((folder / "metadata.json").read_text())
+    index_file = folder / "node_type_index.json"
     node_type_index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     name = str(metadata.get("name") or path.name)
     models = []
-    for archive in sorted(path.glob("*/*/*/*.zip")):
+    for archive in sorted(folder.glob("*/*/*/*.zip")):
         entry = _load_entry(name, archive)
         if entry is not None:
             models.append(entry)

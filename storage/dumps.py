@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from storage.json_cursor import JsonCursor
+
 SAMPLE_SCHEMA = pl.Schema(
     {
         "metric": pl.Utf8(),
@@ -46,14 +48,35 @@ def series_id(metric: str, labels: str) -> int:
 
 
 def read_dump(path: Path) -> pl.DataFrame:
-    """Read a ``.json`` or ``.json.gz`` dump into the long sample frame."""
+    """Read a ``.json`` or ``.json.gz`` dump into the long sample frame.
+
+    The text is decoded one series at a time: a dump of hundreds of megabytes would take
+    several times its size as Python objects if it were decoded whole.
+    """
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as stream:
-            obj = json.load(stream)
+            text = stream.read()
+        series = _stream_series(JsonCursor(text))
     except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
         raise DumpFormatError(f"{path} is not a JSON dump: {error}") from error
-    return dump_to_frame(obj)
+    if not series:
+        return pl.DataFrame(schema=SAMPLE_SCHEMA)
+    return _deduplicate(_columns(series))
+
+
+def _stream_series(cursor: JsonCursor) -> list[_Series]:
+    if cursor.peek() != "{":
+        raise DumpFormatError("a dump is a JSON object of metric -> result")
+    series: list[_Series] = []
+    for metric in cursor.members():
+        if cursor.peek() != "[":
+            _result_list(metric, cursor.value())  # raises, naming what the result is
+        _result_list(metric, [])
+        for index, _ in enumerate(cursor.items()):
+            series.append(_parse_series(metric, index, cursor.value()))
+    cursor.end()
+    return series
 
 
 def dump_to_frame(obj: Any) -> pl.DataFrame:

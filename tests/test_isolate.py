@@ -10,6 +10,7 @@ import pytest
 from modelling.extract import extract
 from modelling.isolate import (
     IsolationInputError,
+    IsolatorArgumentError,
     MinIdleIsolator,
     NoneIsolator,
     UnknownIsolatorError,
@@ -110,5 +111,10 @@ def test_unknown_isolator_is_rejected() -> None:
 
 
 def test_isolator_that_needs_an_idle_profile_says_so() -> None:
-    with pytest.raises(TypeError, match="profile"):
+    with pytest.raises(IsolatorArgumentError, match="missing a required argument: 'profile'"):
         make_isolator("profile")
+
+
+def test_arguments_an_isolator_does_not_take_are_refused_by_name() -> None:
+    with pytest.raises(IsolatorArgumentError, match="bogus"):
+        make_isolator("MinIdleIsolator", bogus=1)

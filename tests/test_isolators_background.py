@@ -12,6 +12,7 @@ from modelling.components import ConstantComponent, LinearComponent
 from modelling.extract import extract
 from modelling.isolate import (
     IsolationInputError,
+    IsolatorArgumentError,
     ProfileBackgroundIsolator,
     TrainIsolator,
     isolator_name,
@@ -152,7 +153,7 @@ def test_selectable_by_class_and_metadata_name(name: str, expected: type) -> Non
 
 @pytest.mark.parametrize("name", ["profile", "trainer"])
 def test_an_idle_profile_is_required(name: str) -> None:
-    with pytest.raises(TypeError, match="profile"):
+    with pytest.raises(IsolatorArgumentError, match="profile"):
         make_isolator(name)
 
 
