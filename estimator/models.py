@@ -121,6 +121,22 @@ def model_from_weights(
     Kepler leaves x_i = 0 for a zero scale; an infinite divisor does the same here.
     ``curve_feature(component)`` names the feature a curve-fit component is evaluated on.
     """
+    try:
+        return _model_from_weights(name, trainer, weights, curve_feature, features, metadata)
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"weight JSON of {name} is malformed: {exc!r}") from exc
+
+
+def _model_from_weights(
+    name: str,
+    trainer: str,
+    weights: Mapping[str, Any],
+    curve_feature: Callable[[str], str],
+    features: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None,
+) -> PowerModel:
     bodies = _weight_bodies(weights)
     order = tuple(features or bodies[next(iter(bodies))]["Numerical_Variables"])
     scale = _weight_scale(bodies, order)
@@ -149,6 +165,9 @@ def _weight_bodies(weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     }
     if not bodies:
         raise ModelFileError("weight JSON holds no component weights")
+    for component, body in bodies.items():
+        if not isinstance(body.get("Numerical_Variables"), dict):
+            raise ModelFileError(f"weights of {component} lack their Numerical_Variables object")
     return bodies
 
 

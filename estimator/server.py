@@ -253,6 +253,12 @@ class EstimatorServer:
             self.refused += 1
             logger.debug("refused a request: %s", exc)
             return EstimationReply.from_error(exc).encode()
+        except Exception as exc:
+            # A defect of ours, not of the request: Kepler still gets a reply it can parse.
+            self.refused += 1
+            logger.exception("failed to answer a request")
+            failure = EstimatorError(f"estimator failed: {type(exc).__name__}: {exc}")
+            return EstimationReply.from_error(failure).encode()
 
     async def _estimate(self, body: bytes) -> bytes:
         loop = asyncio.get_running_loop()

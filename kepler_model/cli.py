@@ -28,6 +28,8 @@ def _configure_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP call to the Prefect API drowns the lines an operator wants.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def run_training(
@@ -264,6 +266,25 @@ def estimator(
 
     _configure_logging()
     run_estimator(load_settings(estimator_socket=socket, model_path=model_path))
+
+
+@app.command()
+def flows(
+    sampling_interval: Annotated[
+        int | None, typer.Option(help="SAMPLING_INTERVAL override: seconds between runs")
+    ] = None,
+    model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
+    db: Annotated[Path | None, typer.Option(help="DUCKDB_PATH override")] = None,
+) -> None:
+    """Serve the Prefect deployments: online-training every SAMPLING_INTERVAL, ingest and
+    offline-training on demand (`prefect deployment run ...`); no work pool needed."""
+    from flows.serve import serve_deployments
+
+    _configure_logging()
+    settings = load_settings(
+        sampling_interval=sampling_interval, model_path=model_path, duckdb_path=db
+    )
+    serve_deployments(settings)
 
 
 @app.command()

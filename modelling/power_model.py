@@ -126,14 +126,16 @@ class PowerModel:
             name = metadata["model_name"]
             component_map = json.loads(files[metadata.get("model_file", f"{name}.json")])
             scaler = json.loads(files[SCALER_FILE])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelFileError(f"archive lacks or mangles a required file: {exc}") from exc
-        features = tuple(scaler["features"])
-        components = {
-            component: load_component(entry["model_file"], files[entry["model_file"]])
-            for component, entry in component_map.items()
-        }
-        scale = np.asarray(scaler["scale"], dtype=float)
+            features = tuple(scaler["features"])
+            scale = np.asarray(scaler["scale"], dtype=float)
+            model_files = {c: entry["model_file"] for c, entry in component_map.items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise ModelFileError(f"archive lacks or mangles a required file: {exc!r}") from exc
+        components = {}
+        for component, model_file in model_files.items():
+            if model_file not in files:
+                raise ModelFileError(f"archive lacks {model_file!r}, the model of {component}")
+            components[component] = load_component(model_file, files[model_file])
         return cls(name, features, scale, components, metadata)
 
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -132,7 +133,7 @@ def _extract(data: bytes, staging: Path, max_bytes: int) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = check_archive(archive, max_bytes, allow_pickles=True)
             archive.extractall(staging, members=members)
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise InitialPipelineError(f"not a readable zip archive: {exc}") from exc
     except UnsafeArchiveError as exc:
         raise InitialPipelineError(str(exc)) from exc

@@ -205,7 +205,7 @@ def parse_model_request(body: bytes) -> ModelRequest:
     """Decode and validate a ``POST /model`` body."""
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, or an integer past int_max_str_digits
         raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidJSONError("request body is not valid JSON: nested too deeply") from None

@@ -8,7 +8,6 @@ request never holds them as Python objects. Their contents are checked by the fl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +148,7 @@ def prepare_training(body: Path, folder: Path) -> TrainJob:
 def parse_train_request(text: str) -> TrainRequest:
     try:
         document = read_document(JsonCursor(text))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer past int_max_str_digits
         raise TrainRequestError(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise TrainRequestError("body is not valid JSON: nested too deeply") from None

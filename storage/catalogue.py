@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from modelling.node_types import NodeTypeIndex, NodeTypeIndexError, NodeTypeMatc
 from modelling.vocabulary import (
     CURVE_FIT_TRAINERS,
     FEATURE_GROUPS,
+    PLATFORM_COMPONENTS,
+    RAPL_COMPONENTS,
     OutputType,
     main_feature,
     parse_model_name,
@@ -102,17 +106,41 @@ class Selection:
     match: NodeTypeMatch | None = None
 
 
+FILTER_ERRORS = ("mae", "mape")
+FILTER_COMPONENTS = (*RAPL_COMPONENTS, *PLATFORM_COMPONENTS)
+
+
 def parse_filter(text: str) -> dict[str, str]:
-    """``mae:10;features:a,b`` -> {"mae": "10", "features": "a,b"}."""
+    """``mae:10;features:a,b`` -> {"mae": "10", "features": "a,b"}.
+
+    Keys are ``features``, an error (``mae``, ``mape``) or a component's error
+    (``package_mae``); error bounds are finite numbers. Anything else is a FilterError rather
+    than a filter that silently rejects, or passes, every model.
+    """
     result: dict[str, str] = {}
     for part in text.split(";"):
         if not part.strip():
             continue
-        key, sep, value = part.partition(":")
-        if not sep or not key.strip():
+        key, sep, value = (piece.strip() for piece in part.partition(":"))
+        if not sep or not key:
             raise FilterError(f"filter part {part!r} is not key:value")
-        result[key.strip()] = value.strip()
+        if key != "features":
+            _check_error_bound(key, value)
+        result[key] = value
     return result
+
+
+def _check_error_bound(key: str, bound: str) -> None:
+    component, _, error = key.rpartition("_")
+    if error not in FILTER_ERRORS or (component and component not in FILTER_COMPONENTS):
+        known = ", ".join(["features", *FILTER_ERRORS, "<component>_mae", "<component>_mape"])
+        raise FilterError(f"unknown filter key {key!r}; known: {known}")
+    try:
+        limit = float(bound)
+    except ValueError:
+        raise FilterError(f"filter {key}:{bound} needs a number") from None
+    if not math.isfinite(limit):
+        raise FilterError(f"filter {key}:{bound} needs a finite number")
 
 
 def _passes(entry: ModelEntry, conditions: dict[str, str]) -> bool:
@@ -121,11 +149,7 @@ def _passes(entry: ModelEntry, conditions: dict[str, str]) -> bool:
             if not set(entry.features) <= set(bound.split(",")):
                 return False
             continue
-        try:
-            limit = float(bound)
-        except ValueError:
-            raise FilterError(f"filter {key}:{bound} needs a number") from None
-        if entry.error(key) > limit:
+        if entry.error(key) > float(bound):
             return False
     return True
 
@@ -157,7 +181,16 @@ class Catalogue:
         return sum(len(p.models) for p in self.pipelines.values())
 
     def candidates(self, query: ModelQuery) -> list[ModelEntry]:
-        """Models of the query's source and output type whose group the metrics support."""
+        """Models of the query's source and output type whose group the metrics support.
+
+        Without a pipeline name, the default pipeline's models when it has any: the others
+        only stand in for it, however low their errors.
+        """
+        found = self._candidates(query)
+        preferred = [entry for entry in found if entry.pipeline == self.default_pipeline]
+        return preferred or found
+
+    def _candidates(self, query: ModelQuery) -> list[ModelEntry]:
         groups = set(valid_groups(query.metrics))
         conditions = parse_filter(query.filter)
         found = []
@@ -188,9 +221,7 @@ class Catalogue:
         if query.pipeline_name:
             pipeline = self.pipelines.get(query.pipeline_name)
             return [pipeline] if pipeline else []
-        preferred = self.pipelines.get(self.default_pipeline)
-        others = [p for n, p in sorted(self.pipelines.items()) if n != self.default_pipeline]
-        return ([preferred] if preferred else []) + others
+        return [pipeline for _, pipeline in sorted(self.pipelines.items())]
 
     def select(self, query: ModelQuery) -> Selection:
         """The best model for ``query`` (SPEC sections 6, 8).
@@ -247,8 +278,13 @@ class Catalogue:
                 matches[key] = node_types.score(entry.node_type, spec)
         return matches
 
-    def _best(self, entries: list[ModelEntry]) -> ModelEntry:
-        return min(entries, key=lambda e: (e.error(self.error_key), e.name))
+    def _better(self, entry: ModelEntry, than: ModelEntry) -> bool:
+        """Whether ``entry`` ranks before ``than``: the default pipeline's first, then errors."""
+
+        def key(e: ModelEntry) -> tuple[bool, float, str]:
+            return (e.pipeline != self.default_pipeline, e.error(self.error_key), e.name)
+
+        return key(entry) < key(than)
 
     def _describe(self, query: ModelQuery) -> dict[str, Any]:
         return {
@@ -297,7 +333,7 @@ class Catalogue:
                     continue
                 groups = best.setdefault(entry.output_type, {})
                 current = groups.get(entry.feature_group)
-                if current is None or self._best([current, entry]) is entry:
+                if current is None or self._better(entry, current):
                     groups[entry.feature_group] = entry
         return {ot: {g: e.name for g, e in gs.items()} for ot, gs in best.items()}
 
@@ -367,9 +403,21 @@ def _load_entry(pipeline: str, archive: Path) -> ModelEntry | None:
         with zipfile.ZipFile(archive) as handle:
             check_archive(handle, allow_pickles=True)
             metadata = json.loads(handle.read("metadata.json"))
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata.json is not a JSON object")
         weight_file = archive.with_suffix(".json")
         weights = json.loads(weight_file.read_text()) if weight_file.is_file() else None
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile, UnsafeArchiveError) as exc:
+        if weights is not None and not isinstance(weights, dict):
+            raise ValueError(f"{weight_file.name} is not a JSON object")
+    except (
+        ValueError,
+        KeyError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        UnsafeArchiveError,
+    ) as exc:
         logger.warning("skipping model %s: %s", archive, exc)
         return None
     if output_type not in {o.value for o in OutputType}:

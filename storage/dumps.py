@@ -58,7 +58,9 @@ def read_dump(path: Path) -> pl.DataFrame:
         with opener(path, "rt", encoding="utf-8") as stream:
             text = stream.read()
         series = _stream_series(JsonCursor(text))
-    except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
+    except DumpFormatError:
+        raise
+    except (ValueError, gzip.BadGzipFile, EOFError) as error:
         raise DumpFormatError(f"{path} is not a JSON dump: {error}") from error
     if not series:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)

@@ -198,13 +198,30 @@ def _adopt_unversioned(model_path: Path, name: str) -> None:
 
 
 def _remove_leftovers(model_path: Path, name: str) -> None:
-    """Delete what killed writers left: staging folders and temporary links (lock held)."""
+    """Mend what killed writers left (lock held): staging folders and temporary links are
+    deleted, and a pipeline whose link is missing is served from its newest version again."""
     root = versions_root(model_path, name)
     for staging in root.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(staging, ignore_errors=True)
         logger.warning("removed %s, left by an interrupted publish of %s", staging, name)
     for link in model_path.glob(f".{name}.link-*"):
         link.unlink(missing_ok=True)
+    _restore_link(model_path, name)
+
+
+def _restore_link(model_path: Path, name: str) -> None:
+    # Adopting a hand-copied folder renames it into the versions and then links it: a writer
+    # killed between the two leaves versions with no link to any of them.
+    if (model_path / name).is_symlink() or (model_path / name).exists():
+        return
+    complete = [v for v in list_versions(model_path, name) if _is_complete(model_path, name, v)]
+    if complete:
+        _switch(model_path, name, complete[-1])
+        logger.warning("pipeline %s had no link; serving its version %d again", name, complete[-1])
+
+
+def _is_complete(model_path: Path, name: str, version: int) -> bool:
+    return (versions_root(model_path, name) / f"v{version}" / "metadata.json").is_file()
 
 
 def _pipeline_metadata(staging: Path, name: str, given: dict[str, Any]) -> dict[str, Any]:

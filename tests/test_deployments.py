@@ -184,3 +184,20 @@ def test_deployment_run_of_ingest_completes_through_a_worker(
     with SampleStore(db) as store:
         assert store.count_samples() == 4 * 188  # 4 package series, 188 samples each
         assert set(store.watermarks(prometheus.url).values()) == {float(DUMP_END)}
+
+
+def test_served_deployments_run_online_training_every_sampling_interval(deployed) -> None:
+    # Last in this file: serving re-registers online-training with its own schedule.
+    env, root = deployed
+    command = ["kepler-model", "flows", "--sampling-interval", "120"]
+
+    with background(command, env, root / "flows.log"):
+        deadline = time.monotonic() + 90
+        intervals: list[float] = []
+        while time.monotonic() < deadline and intervals != [120.0]:
+            time.sleep(1)
+            schedules = deployments(env)["online-training"]["schedules"]
+            intervals = [s["schedule"]["interval"] for s in schedules]
+
+    assert intervals == [120.0], (root / "flows.log").read_text()[-3000:]
+    assert deployments(env)["online-training"]["global_concurrency_limit"]["limit"] == 1

@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from estimator.protocol import (
 )
 from estimator.server import EstimatorServer, SocketInUseError
 from kepler_model.settings import Settings
+from modelling.components import ModelFileError
 from modelling.power_model import PowerModel
 from modelling.trainers import make_trainer
 from modelling.training import TrainingSet, train_model
@@ -570,13 +572,16 @@ garbage = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=garbage)
-def test_any_bytes_get_a_json_reply_with_a_powers_map(estimator: Path, body: bytes) -> None:
+def test_any_bytes_get_a_json_reply_with_a_powers_map(
+    estimator: Path, workload: Workload, body: bytes
+) -> None:
     reply = json.loads(send(estimator, body, half_close=True))
 
     assert isinstance(reply["powers"], dict)
     assert isinstance(reply["msg"], str)
     assert isinstance(reply["core_ratio"], float | int)
     assert (reply["powers"] == {}) == (reply["msg"] != "")
+    assert_answers(estimator, workload)
 
 
 entries = st.one_of(
@@ -855,6 +860,45 @@ def test_pickled_archives_on_disk_are_served_from_their_weight_json(tmp_path: Pa
     assert reply["core_ratio"] == pytest.approx(SERVER_CPUS / 72, abs=1e-6)  # node type 1
     assert dynamic["powers"] == {}
     assert "is a pickle" in dynamic["msg"]
+
+
+def test_malformed_weight_json_on_disk_gets_an_error_reply_and_the_server_carries_on(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(MODEL_DB, models)
+    for weight_file in models.glob("*/rapl-sysfs/AbsPower/BPFOnly/SGDRegressorTrainer_*.json"):
+        weights = json.loads(weight_file.read_text())
+        for body in weights.values():
+            del body["All_Weights"]["Numerical_Variables"]
+        weight_file.write_text(json.dumps(weights))
+    sgd = request(BPF_ROWS, BPF, output_type="AbsPower", trainer_name="SGDRegressorTrainer")
+
+    with serving(socket_settings(tmp_path, models)) as server:
+        refused = [ask(server.socket_path, sgd) for _ in range(2)]
+
+    assert refused[0]["powers"] == {}
+    assert "Numerical_Variables" in refused[0]["msg"]
+    assert refused[1] == refused[0]
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"package": {"All_Weights": {"Bias_Weight": 1.0}}},
+        {"package": {"All_Weights": {"Bias_Weight": 1.0, "Numerical_Variables": []}}},
+        {"package": {"All_Weights": {"Bias_Weight": "x", "Numerical_Variables": {}}}},
+        {"package": {"All_Weights": {"CurveFit_Weights": 3, "Numerical_Variables": {}}}},
+        {"package": {"All_Weights": {"Numerical_Variables": {"a": {"scale": "big"}}}}},
+        {"package": []},
+    ],
+    ids=["no variables", "variables a list", "bias text", "curve not a list", "scale text", "list"],
+)
+def test_malformed_weight_json_is_a_model_file_error(weights: dict[str, Any]) -> None:
+    with pytest.raises(ModelFileError):
+        model_from_weights(
+            "LogarithmicRegressionTrainer_0", "LogarithmicRegressionTrainer", weights, lambda c: "a"
+        )
 
 
 def test_a_new_publish_is_used_without_restart(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -244,3 +245,50 @@ def test_estimator_prefers_the_node_type_of_its_own_machine() -> None:
     # Kepler scales by this machine's cores over those of the model's machine (48).
     assert core_ratio(model, 48) == 1.0
     assert core_ratio(model, 96) == 2.0
+
+
+def with_deflate_data_broken(archive: bytes) -> bytes:
+    """The zip with every member's compressed bytes overwritten: its directory still reads,
+    its members fail to inflate (zlib.error), as a disk or transfer fault leaves them."""
+    data = bytearray(archive)
+    with zipfile.ZipFile(io.BytesIO(archive)) as handle:
+        for info in handle.infolist():
+            start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+            data[start : start + info.compress_size] = b"\xff" * info.compress_size
+    return bytes(data)
+
+
+def test_an_initial_pipeline_zip_with_broken_data_is_skipped(
+    ec2_zip: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(with_deflate_data_broken(published_zip(EC2)))
+    settings = Settings(model_path=tmp_path / "models", initial_pipeline_url=f"{broken}, {ec2_zip}")
+
+    with caplog.at_level(logging.WARNING, logger="serving.initial_pipelines"):
+        with running(create_app(settings)) as client:
+            reply = client.post("/model", json={**SGD_REQUEST, "machine_spec": M5ZN})
+
+    assert reply.status_code == 200
+    assert reply.headers["X-Model-Name"] == "SGDRegressorTrainer_4"
+    assert any("broken.zip" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_archive_with_broken_data_is_skipped_and_the_rest_served(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(EC2, models / EC2.name)
+    broken = models / EC2.name / BPF_ABS.relative_to(EC2) / "SGDRegressorTrainer_4.zip"
+    broken.write_bytes(with_deflate_data_broken(broken.read_bytes()))
+    settings = Settings(model_path=models, default_pipeline="ec2-0.7.11")
+
+    with running(create_app(settings)) as client:
+        reply = client.post("/model", json={**SGD_REQUEST, "machine_spec": M5ZN})
+        metrics = client.get("/metrics")
+
+    assert reply.status_code == 200
+    assert reply.headers["X-Model-Name"] != "SGDRegressorTrainer_4"
+    assert metrics.status_code == 200
+    provider = ModelProvider(settings)
+    provider.close()

@@ -69,11 +69,13 @@ def running(app: Starlette) -> Iterator[httpx.Client]:
         yield client
 
 
-def bpf_model(trainer: str, node_type: int, bias: float = 100.0) -> PowerModel:
+def bpf_model(
+    trainer: str, node_type: int, bias: float = 100.0, noise_watts: float = 0.5
+) -> PowerModel:
     """A small real model fitted on synthetic BPFOnly rows: package and dram follow CPU time."""
     rng = np.random.default_rng(node_type)
     x = np.column_stack([rng.uniform(0, 50_000, 300), rng.uniform(0, 100, 300)])
-    noise = rng.normal(0, 0.5, 300)
+    noise = rng.normal(0, noise_watts, 300)
     y = {
         "package": bias + 0.003 * x[:, 0] + noise,
         "core": np.zeros(300),
@@ -251,6 +253,15 @@ BAD_REQUESTS = [
     ),
     ("huge metrics array", {**GO_REQUEST, "metrics": ["m"] * 100_000}, 422, "at most 1024"),
     ("huge number", {**GO_REQUEST, "node_type": 10**400}, 422, "node_type"),
+    (
+        "integer of 5000 digits",
+        b'{"metrics": ["a"], "output_type": "AbsPower", "node_type": ' + b"1" * 5000 + b"}",
+        400,
+        "not valid JSON",
+    ),
+    ("filter bound NaN", {**GO_REQUEST, "filter": "mae:nan"}, 400, "finite number"),
+    ("filter key unknown", {**GO_REQUEST, "filter": "colour:3"}, 400, "unknown filter key"),
+    ("filter component unknown", {**GO_REQUEST, "filter": "gpu_mae:3"}, 400, "'gpu_mae'"),
     (
         "unknown field instead of metrics",
         {"metric": BPF_METRICS, "output_type": "AbsPower"},
@@ -519,9 +530,10 @@ def test_filters_bound_errors_and_features(
 
 @pytest.fixture(scope="module")
 def two_pipelines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """The default pipeline (bias 100) and another one (bias 300), both SGD on node type 0."""
+    """The default pipeline (bias 100) and another one (bias 300, ten times more accurate),
+    both SGD on node type 0."""
     path = tmp_path_factory.mktemp("two-pipelines")
-    publish_bpf(path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=100.0))
+    publish_bpf(path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, bias=100.0, noise_watts=5))
     publish_bpf(path, "other", bpf_model("SGDRegressorTrainer", 0, bias=300.0))
     settings = Settings(model_path=path, initial_pipeline_url="", default_pipeline=PIPELINE)
     with running(create_app(settings)) as client:
@@ -534,6 +546,23 @@ def test_pipeline_name_is_honoured(two_pipelines: httpx.Client, asked: str, serv
 
     assert reply.status_code == 200
     assert reply.headers["x-pipeline"] == served
+
+
+def test_the_default_pipeline_wins_over_a_more_accurate_other_one(tmp_path: Path) -> None:
+    publish_bpf(tmp_path, PIPELINE, bpf_model("SGDRegressorTrainer", 0, noise_watts=5))
+    publish_bpf(tmp_path, "other", bpf_model("GradientBoostingRegressorTrainer", 0))
+    settings = Settings(model_path=tmp_path, initial_pipeline_url="", default_pipeline=PIPELINE)
+    model = "/models/{}/rapl-sysfs/AbsPower/BPFOnly/{}"
+
+    with running(create_app(settings)) as client:
+        best = client.get("/best-models", params={"energy-source": "rapl-sysfs"}).json()
+        archive = client.post("/model", json={**GO_REQUEST, "weight": False, "trainer_name": ""})
+        ours = client.get(model.format(PIPELINE, "SGDRegressorTrainer_0")).json()
+        other = client.get(model.format("other", "GradientBoostingRegressorTrainer_0")).json()
+
+    assert other["metadata"]["mae"] < ours["metadata"]["mae"]
+    assert best["AbsPower"]["BPFOnly"] == "SGDRegressorTrainer_0"
+    assert archive.headers["x-pipeline"] == PIPELINE
 
 
 def test_no_model_reply_lists_the_pipelines_loaded(two_pipelines: httpx.Client) -> None:

@@ -170,6 +170,24 @@ def test_a_hand_copied_pipeline_folder_becomes_the_first_version(tmp_path: Path)
     assert served_generation(tmp_path) == 2
 
 
+def test_an_adoption_killed_before_its_link_is_mended_by_the_next_publish(
+    tmp_path: Path,
+) -> None:
+    publish_generation(tmp_path / "elsewhere", 1, count=3)
+    # What a writer killed mid-adoption leaves: the folder renamed into the versions, no link.
+    versions_root(tmp_path, NAME).mkdir(parents=True)
+    (tmp_path / "elsewhere" / NAME).resolve().rename(versions_root(tmp_path, NAME) / "v1")
+
+    publish_generation(tmp_path, 2, count=1)
+
+    assert current_version(tmp_path, NAME) == 2
+    served = tmp_path / NAME / "rapl-sysfs" / "AbsPower" / "BPFOnly"
+    # The new model, and the two of the adopted version it did not replace.
+    assert sorted(p.name for p in served.glob("*.zip")) == [
+        f"SGDRegressorTrainer_{n}.zip" for n in range(3)
+    ]
+
+
 def test_leftovers_of_an_interrupted_publish_are_ignored_then_removed(tmp_path: Path) -> None:
     publish_generation(tmp_path, 1)
     staging = versions_root(tmp_path, NAME) / ".staging-dead"

@@ -85,6 +85,7 @@ BAD_REQUESTS = [
     ("trailing garbage", request_body(name="x", prom_response=DUMP) + b"]", {}, 400, "Extra"),
     ("deeply nested", b'{"name": ' + b"[" * 100_000, {}, 400, "not valid JSON"),
     ("body not an object", b"[1, 2]", {}, 422, "valid dictionary"),
+    ("integer of 5000 digits", b'{"name": "x", "n": ' + b"1" * 5000 + b"}", {}, 400, "JSON"),
     ("gzip not gzip", b"plain", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     (
         "data after the gzip stream",
