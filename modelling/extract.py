@@ -171,7 +171,11 @@ def _with_labels(samples: pl.DataFrame, names: dict[str, str]) -> pl.DataFrame:
     parsed = per_series.select(
         "series_id",
         *(
-            pl.col("labels").str.json_path_match(f'$["{label}"]').fill_null("").alias(column)
+            pl.col("labels")
+            .cast(pl.Utf8)
+            .str.json_path_match(f'$["{label}"]')
+            .fill_null("")
+            .alias(column)
             for label, column in names.items()
         ),
     )
@@ -209,7 +213,9 @@ def _container_rates(samples: pl.DataFrame, metric_features: dict[str, str]) -> 
     selected = samples.filter(pl.col("metric").is_in(list(metric_features)))
     rated = counter_rates(selected).drop_nulls("rate")
     keyed = _with_labels(rated, {name: name for name in CONTAINER_LABELS}).with_columns(
-        feature=pl.col("metric").replace_strict(metric_features, return_dtype=pl.Utf8),
+        feature=pl.col("metric")
+        .cast(pl.Utf8)
+        .replace_strict(metric_features, return_dtype=pl.Utf8),
     )
     return keyed.group_by("instance", *CONTAINER_LABELS, "timestamp", "feature").agg(
         pl.col("rate").sum()

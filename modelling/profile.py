@@ -141,6 +141,8 @@ def build_profiles(
 
     Every instance is of ``node_type`` unless ``instance_node_types`` says otherwise.
     """
+    # An idle run is short: its names and labels are worked on as text.
+    samples = samples.with_columns(pl.col("metric", "labels").cast(pl.Utf8))
     readings = _readings(samples)
     if not readings:
         raise ProfileError("the idle run holds no node energy series of a known source")

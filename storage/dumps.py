@@ -20,10 +20,12 @@ import polars as pl
 
 from storage.json_cursor import JsonCursor
 
+# A series' metric and labels repeat on each of its samples: as categoricals they cost four
+# bytes a sample instead of the text (over 400 bytes a sample for Kepler's label sets).
 SAMPLE_SCHEMA = pl.Schema(
     {
-        "metric": pl.Utf8(),
-        "labels": pl.Utf8(),
+        "metric": pl.Categorical(),
+        "labels": pl.Categorical(),
         "series_id": pl.Int64(),
         "timestamp": pl.Float64(),
         "value": pl.Float64(),
@@ -129,8 +131,8 @@ def _columns(series: list[_Series]) -> pl.DataFrame:
 
     return pl.DataFrame(
         {
-            "metric": pl.Series([s.metric for s in series], dtype=pl.Utf8).gather(owner),
-            "labels": pl.Series([s.labels for s in series], dtype=pl.Utf8).gather(owner),
+            "metric": pl.Series([s.metric for s in series], dtype=pl.Categorical).gather(owner),
+            "labels": pl.Series([s.labels for s in series], dtype=pl.Categorical).gather(owner),
             "series_id": np.repeat(ids, counts),
             "timestamp": np.concatenate([s.timestamps for s in series]),
             "value": np.concatenate([s.values for s in series]),

@@ -92,7 +92,7 @@ def stored(db: Path, metrics: list[str] | None = None) -> pl.DataFrame:
 def expected(dump: dict[str, Any], metrics: list[str], until: float = math.inf) -> pl.DataFrame:
     frame = dump_to_frame({m: dump[m] for m in metrics if m in dump})
     frame = frame.filter(pl.col("timestamp") <= until)
-    return frame.sort("metric", "labels", "timestamp")
+    return frame.sort("series_id", "timestamp")
 
 
 def run_ingest(server: PrometheusServer, db: Path, **arguments: Any) -> dict[str, Any]:
