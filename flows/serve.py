@@ -7,6 +7,8 @@ SAMPLING_INTERVAL seconds, and runs whatever ``prefect deployment run`` asks of 
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
@@ -24,7 +26,8 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
         "db_path": str(settings.duckdb_path.resolve()),
         "model_path": str(settings.model_path.resolve()),
     }
-    return [
+    # to_deployment also has an async form; called from sync code it returns the deployment.
+    deployments = [
         online_training.to_deployment(
             name="online-training",
             interval=settings.sampling_interval,
@@ -37,6 +40,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
             parameters={"input": str(bundled_dump()), **stores},
         ),
     ]
+    return [cast(RunnerDeployment, deployment) for deployment in deployments]
 
 
 def serve_deployments(settings: Settings) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -421,4 +422,7 @@ def config() -> None:
 
 
 def main() -> None:
+    # Prefect's temporary API server reports usage at start; offline, as clusters that run
+    # Kepler often are, that fails with an error line on every start. PREFECT_* still rules.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()

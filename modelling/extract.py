@@ -165,7 +165,10 @@ def counter_rates(samples: pl.DataFrame) -> pl.DataFrame:
 
 
 def _with_labels(samples: pl.DataFrame, names: dict[str, str]) -> pl.DataFrame:
-    """Add label values (label -> column name), parsed once per series rather than per sample."""
+    """Add label values (label -> column name), parsed once per series rather than per sample.
+
+    The columns are categorical, four bytes a sample; results leave this module as text.
+    """
     per_series = samples.select("series_id", "labels").unique("series_id")
     # Kepler sometimes leaves a label out; an empty string keeps the keys free of nulls.
     parsed = per_series.select(
@@ -175,6 +178,7 @@ def _with_labels(samples: pl.DataFrame, names: dict[str, str]) -> pl.DataFrame:
             .cast(pl.Utf8)
             .str.json_path_match(f'$["{label}"]')
             .fill_null("")
+            .cast(pl.Categorical)
             .alias(column)
             for label, column in names.items()
         ),
@@ -215,11 +219,12 @@ def _container_rates(samples: pl.DataFrame, metric_features: dict[str, str]) -> 
     keyed = _with_labels(rated, {name: name for name in CONTAINER_LABELS}).with_columns(
         feature=pl.col("metric")
         .cast(pl.Utf8)
-        .replace_strict(metric_features, return_dtype=pl.Utf8),
+        .replace_strict(metric_features, return_dtype=pl.Categorical),
     )
-    return keyed.group_by("instance", *CONTAINER_LABELS, "timestamp", "feature").agg(
+    summed = keyed.group_by("instance", *CONTAINER_LABELS, "timestamp", "feature").agg(
         pl.col("rate").sum()
     )
+    return summed.with_columns(pl.col("instance", *CONTAINER_LABELS, "feature").cast(pl.Utf8))
 
 
 def _unrated(metric_features: dict[str, str], rates: pl.DataFrame) -> dict[str, str]:
@@ -289,7 +294,8 @@ def _component_watts(energy: pl.DataFrame) -> pl.DataFrame:
     summed = rated.group_by(NODE_KEYS).agg(
         watts=pl.col("rate").sum(), complete=pl.col("rate").is_not_null().all()
     )
-    return summed.filter(pl.col("complete")).drop("complete")
+    complete = summed.filter(pl.col("complete")).drop("complete")
+    return complete.with_columns(pl.col("instance").cast(pl.Utf8))
 
 
 def _system_features(samples: pl.DataFrame) -> tuple[list[pl.DataFrame], dict[str, str]]:
@@ -306,7 +312,8 @@ def _system_features(samples: pl.DataFrame) -> tuple[list[pl.DataFrame], dict[st
         if rows.height == 0:
             missing[feature] = f"no {' or '.join(metrics)} series"
             continue
-        parts.append(rows.group_by(NODE_KEYS).agg(aggregate.alias(feature)))
+        part = rows.group_by(NODE_KEYS).agg(aggregate.alias(feature))
+        parts.append(part.with_columns(pl.col("instance").cast(pl.Utf8)))
     return parts, missing
 
 

@@ -13,9 +13,11 @@ pipeline already training gets 409; requests for different pipelines train side 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import zlib
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flows.api_server import stop_temporary_api_server
 from flows.offline_training import offline_training
 from flows.runners import make_task_runner
 from kepler_model.settings import Settings
@@ -198,9 +201,16 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "training": training})
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    stop_temporary_api_server()
+
+
 def create_train_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[Route("/train", train, methods=["POST"]), Route("/healthz", healthz)],
+        lifespan=lifespan,
         exception_handlers={TrainRequestError: on_request_error, HTTPException: on_http_error},
     )
     app.state.settings = settings

@@ -64,9 +64,7 @@ def read_dump(path: Path) -> pl.DataFrame:
         raise
     except (ValueError, gzip.BadGzipFile, EOFError) as error:
         raise DumpFormatError(f"{path} is not a JSON dump: {error}") from error
-    if not series:
-        return pl.DataFrame(schema=SAMPLE_SCHEMA)
-    return _deduplicate(_columns(series))
+    return _columns(_deduplicate(series))
 
 
 def _stream_series(cursor: JsonCursor) -> list[_Series]:
@@ -93,9 +91,7 @@ def dump_to_frame(obj: Any) -> pl.DataFrame:
         for metric, result in obj.items()
         for index, entry in enumerate(_result_list(metric, result))
     ]
-    if not series:
-        return pl.DataFrame(schema=SAMPLE_SCHEMA)
-    return _deduplicate(_columns(series))
+    return _columns(_deduplicate(series))
 
 
 @dataclass(frozen=True)
@@ -125,6 +121,8 @@ def _parse_series(metric: str, index: int, entry: Any) -> _Series:
 
 def _columns(series: list[_Series]) -> pl.DataFrame:
     """One frame for all series: per-sample columns are concatenated, never built row by row."""
+    if not series:
+        return pl.DataFrame(schema=SAMPLE_SCHEMA)
     counts = np.array([len(s.values) for s in series], dtype=np.int64)
     owner = pl.Series(np.repeat(np.arange(len(series)), counts))
     ids = np.array([series_id(s.metric, s.labels) for s in series], dtype=np.int64)
@@ -170,19 +168,36 @@ def _parse_values(where: str, pairs: list[Any]) -> tuple[np.ndarray, np.ndarray]
     return timestamps, values
 
 
-def _deduplicate(frame: pl.DataFrame) -> pl.DataFrame:
-    """Keep one of each identical sample; two values for one series and time are an error."""
-    unique = frame.unique(
-        subset=["series_id", "timestamp", "value"], keep="first", maintain_order=True
-    )
-    conflicts = unique.filter(pl.len().over("series_id", "timestamp") > 1)
-    if conflicts.height:
-        first = conflicts.row(0, named=True)
+def _deduplicate(series: list[_Series]) -> list[_Series]:
+    """One entry per series, in time order; identical repeated samples appear once.
+
+    Done series by series in numpy: a frame-wide ``unique`` over millions of samples needs
+    several times the samples' own memory for its hash table.
+    """
+    merged: dict[tuple[str, str], list[_Series]] = {}
+    for entry in series:
+        merged.setdefault((entry.metric, entry.labels), []).append(entry)
+    return [_unique_samples(parts) for parts in merged.values()]
+
+
+def _unique_samples(parts: list[_Series]) -> _Series:
+    first = parts[0]
+    timestamps = np.concatenate([p.timestamps for p in parts])
+    values = np.concatenate([p.values for p in parts])
+    order = np.argsort(timestamps, kind="stable")
+    timestamps, values = timestamps[order], values[order]
+
+    repeated = np.zeros(len(timestamps), dtype=bool)
+    repeated[1:] = timestamps[1:] == timestamps[:-1]
+    same = (values[1:] == values[:-1]) | (np.isnan(values[1:]) & np.isnan(values[:-1]))
+    conflicting = repeated[1:] & ~same
+    if conflicting.any():
+        at = timestamps[1:][conflicting]
         raise DumpFormatError(
-            f"{first['metric']}{first['labels']} has {conflicts.height} conflicting values at "
-            f"the same timestamps, e.g. at {first['timestamp']}"
+            f"{first.metric}{first.labels} has {len(at)} conflicting values at the same "
+            f"timestamps, e.g. at {at[0]}"
         )
-    return unique
+    return _Series(first.metric, first.labels, timestamps[~repeated], values[~repeated])
 
 
 def _kind(obj: Any) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import tracemalloc
 import zipfile
@@ -14,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from kepler_model.settings import Settings
 from serving.train_api import create_train_app
 from serving.train_request import TrainRequestError, parse_train_request, prepare_training
-from tests.conftest import running_server
+from tests.conftest import free_port, running_server
 
 SGD_ONLY = {"abs_trainers": ["SGDRegressorTrainer"], "dyn_trainers": ["SGDRegressorTrainer"]}
 
@@ -282,3 +286,40 @@ def test_two_pipelines_train_side_by_side_and_a_repeat_is_refused(
         with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
             assert json.loads(archive.read("metadata.json"))["name"] == name
     assert replies["side-a"].headers["x-flow-run-id"] != replies["side-b"].headers["x-flow-run-id"]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the train API exited early"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} not healthy after {seconds} s")
+
+
+def test_stopping_the_train_api_stops_the_prefect_server_it_started(
+    tmp_path: Path, dump: dict[str, Any]
+) -> None:
+    """``kepler-model train-api`` without PREFECT_API_URL starts Prefect's temporary API server
+    at its first flow run; SIGTERM (uvicorn re-raises it after shutting down) must stop both."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = [sys.executable, "-m", "kepler_model", "train-api", "--port", str(port)]
+    command += ["--model-path", str(tmp_path / "models")]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        trainers = {"abs_trainers": ["SGDRegressorTrainer"], "dyn_trainers": []}
+        body = {"name": "stop", "trainer": trainers, "prom_response": dump}
+        assert post(url, json.dumps(body).encode()).status_code == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=60)
+    assert children, "expected the temporary Prefect API server as a child process"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, errors.decode()[-2000:]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.conftest import free_port
 
@@ -89,8 +90,13 @@ def test_up_trains_on_the_bundled_dump_serves_everything_and_stops_on_ctrl_c(
         assert answer["msg"] == ""
         assert len(answer["powers"]["package"]) == 2
         assert (tmp_path / "models" / "kepler-default" / "metadata.json").is_file()
+        children = psutil.Process(process.pid).children(recursive=True)
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output.decode()[-3000:]
     assert not sock.exists()
+    # Training started Prefect's temporary API server; it must not outlive ``up``.
+    assert children, "expected the temporary Prefect API server as a child process"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {[c.cmdline() for c in alive]}"
