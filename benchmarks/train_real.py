@@ -31,6 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
 from flows.offline_training import offline_training
 from flows.runners import make_task_runner
 from flows.tasks import FitJob, plan_fits
@@ -129,6 +132,25 @@ def prefect_api() -> Iterator[None]:
         server.stop()
 
 
+@task(cache_policy=NO_CACHE)
+def do_nothing(number: int) -> int:
+    return number
+
+
+@flow
+def map_empty_tasks(count: int) -> float:
+    """Prefect's own cost of ``count`` mapped task runs: wall seconds of no-op tasks."""
+    started = time.perf_counter()
+    for future in do_nothing.map(list(range(count))):
+        future.result()
+    return time.perf_counter() - started
+
+
+def empty_task_seconds(runner: Any, count: int) -> float:
+    seconds: float = map_empty_tasks.with_options(task_runner=runner)(count)
+    return seconds
+
+
 @dataclass(frozen=True)
 class Measured:
     """A cold flow run, the warm runs (report, wall seconds) and the in-process passes."""
@@ -138,6 +160,7 @@ class Measured:
     local: list[InProcess]
     jobs: int
     peak_mb: float
+    empty_tasks: list[float]
 
     @property
     def best(self) -> tuple[dict[str, Any], float]:
@@ -155,11 +178,12 @@ def measure(runner: Callable[[], Any], repeats: int) -> Measured:
     with tempfile.TemporaryDirectory(prefix="train-real-") as tmp, prefect_api():
         folder = Path(tmp)
         cold = run_flow(trainers, runner(), folder, "cold")
-        warm, local = [], []
+        warm, local, empty = [], [], []
         for number in range(repeats):
             warm.append(run_flow(trainers, runner(), folder, f"warm-{number}"))
             local.append(in_process(jobs))
-        return Measured(cold, warm, local, len(jobs), peak_rss_mb())
+            empty.append(empty_task_seconds(runner(), len(jobs)))
+        return Measured(cold, warm, local, len(jobs), peak_rss_mb(), empty)
 
 
 def main() -> None:
@@ -202,6 +226,9 @@ def print_figures(measured: Measured) -> None:
         f"ratio fan-out wall / task work: {fan_out / fastest.task_work_seconds:.2f}",
         f"CPU time: fan-out {cpu:.2f} s (every thread of the process), in-process task work "
         f"{fastest.task_work_cpu_seconds:.2f} s; ratio {cpu / fastest.task_work_cpu_seconds:.2f}",
+        f"Prefect's own cost: {measured.jobs} no-op tasks mapped on the same runner take "
+        f"{min(measured.empty_tasks):.2f} s (runs: "
+        f"{', '.join(f'{s:.2f}' for s in measured.empty_tasks)})",
         f"load average (1, 5, 15 min) at the end: {os.getloadavg()}",
         "estimator fit time per trainer (s):",
     ]

@@ -80,7 +80,10 @@ class Forest:
 
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Watts per component for scaled rows, as each TreeEnsembleComponent computes them."""
-        rows = np.asarray(x, dtype=np.float32).astype(float)  # what scikit-learn's trees compare
+        # What scikit-learn's trees compare. A value beyond float32's range becomes infinite, as
+        # in scikit-learn's own cast, and so falls on the high side of every split.
+        with np.errstate(over="ignore"):
+            rows = np.asarray(x, dtype=np.float32).astype(float)
         sums = np.empty((rows.shape[0], len(self.components)))
         block = max(1, BLOCK_BYTES // (np.dtype(np.intp).itemsize * self.trees))
         for start in range(0, rows.shape[0], block):

@@ -577,9 +577,7 @@ def describe_missing(catalogue: Catalogue, query: ModelQuery, model_path: Path) 
         narrowed += f" by trainer {query.trainer_name}"
     if query.filter:
         narrowed += f" passing filter {query.filter!r}"
+    asked = f"the metrics {', '.join(query.metrics)}" if query.metrics else "an empty metric list"
     if not gaps:
-        return f"no published {kind}{narrowed} covers the metrics {', '.join(query.metrics)}"
-    return (
-        f"no published {kind}{narrowed} covers the metrics {', '.join(query.metrics)}: "
-        + "; ".join(gaps[:6])
-    )
+        return f"no published {kind}{narrowed} covers {asked}"
+    return f"no published {kind}{narrowed} covers {asked}: " + "; ".join(gaps[:6])

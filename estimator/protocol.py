@@ -285,6 +285,13 @@ class EstimationRequest(BaseModel):
                 rows[:, index] = constants[feature]
         return rows
 
+    def idle_rows(self, features: Sequence[str]) -> np.ndarray:
+        """Rows whose every workload counter among ``features`` is zero (system features, which
+        are constants, do not count); all rows are idle for a model of system features only."""
+        columns = [index for index, name in enumerate(self.metrics) if name in features]
+        values = self.values.reshape(len(self.values), len(self.metrics))
+        return np.asarray(~values[:, columns].any(axis=1))
+
 
 def _as_number(value: str | int | float | None) -> float | None:
     if value is None or isinstance(value, bool):

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 from estimator.evaluation import is_quick
 from estimator.models import ModelProvider, core_ratio
 from estimator.protocol import (
@@ -34,6 +36,7 @@ from estimator.protocol import (
 from kepler_model.settings import Settings, load_settings
 from modelling.machine_spec import discover_machine_spec
 from modelling.power_model import PowerModel
+from modelling.vocabulary import OutputType
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,21 @@ def answer(request: EstimationRequest, model: PowerModel, cpu_count: int) -> byt
     ratio = core_ratio(model, cpu_count)
     try:
         powers = model.predict(request.rows_for(model.features))
+        if request.output_type is OutputType.DYN_POWER:
+            powers = without_idle_rows(powers, request.idle_rows(model.features))
     except RequestError as exc:
         raise RequestError(str(exc), ratio) from None
     except (ValueError, ArithmeticError) as exc:
         raise PredictionError(f"model {model.name} failed to predict: {exc}", ratio) from exc
     return EstimationReply.from_powers(powers, ratio).encode()
+
+
+def without_idle_rows(powers: dict[str, np.ndarray], idle: np.ndarray) -> dict[str, np.ndarray]:
+    """Dynamic power is what activity causes: a process or container whose counters are all
+    zero draws none, whatever a model fitted on busier rows (trees, curves) would say."""
+    if not idle.any():
+        return powers
+    return {component: np.where(idle, 0.0, watts) for component, watts in powers.items()}
 
 
 def remove_stale_socket(path: Path) -> None:

@@ -125,8 +125,8 @@ def train_from_store(
     plan = TrainingPlan(
         pipeline=pipeline,
         model_path=Path(model_path),
-        abs_trainers=abs_trainers or DEFAULT_TRAINERS,
-        dyn_trainers=dyn_trainers or DEFAULT_TRAINERS,
+        abs_trainers=DEFAULT_TRAINERS if abs_trainers is None else abs_trainers,
+        dyn_trainers=DEFAULT_TRAINERS if dyn_trainers is None else dyn_trainers,
         isolator=isolator_class_name(isolator),
         isolator_args=isolator_args or {},
         node_type=node_type,

@@ -30,10 +30,10 @@ from modelling.machine_spec import MachineSpec
 from modelling.node_types import NodeTypeIndex, load_index
 from modelling.power_model import PowerModel
 from modelling.profile import build_profiles
-from modelling.trainers import FitError, make_trainer
+from modelling.trainers import TRAINERS, FitError, make_trainer
 from modelling.training import TrainingSet, train_model
 from modelling.vocabulary import OutputType
-from storage.dumps import read_dump
+from storage.dumps import DumpFormatError, read_dump
 from storage.pipelines import PublishedModel, publish
 from storage.samples import LoadResult, SampleStore
 
@@ -91,7 +91,7 @@ def ingest_dump(db_path: Path, dump_path: Path) -> tuple[LoadResult, float, floa
     """Store a saved Prometheus dump; returns the load and the dump's time range."""
     frame = read_dump(dump_path)
     if frame.is_empty():
-        raise ValueError(f"dump {dump_path} holds no samples")
+        raise DumpFormatError("the dump holds no samples")
     with SampleStore(db_path) as store:
         result = store.ingest(frame, origin=str(dump_path))
     run_logger().info(
@@ -232,7 +232,9 @@ def fit_model(job: FitJob) -> FitResult:
 
 
 def fit_all(jobs: list[FitJob]) -> list[FitResult]:
-    """Fit every job on the flow's task runner; a crashed task is a failed result."""
+    """Fit every job on the flow's task runner, costliest first; a crashed task is a failed
+    result."""
+    jobs = sorted(jobs, key=_fit_cost, reverse=True)
     futures = fit_model.map(jobs)
     results = []
     for job, future in zip(jobs, futures, strict=True):
@@ -243,6 +245,11 @@ def fit_all(jobs: list[FitJob]) -> list[FitResult]:
             run_logger().error("%s crashed: %r", job.describe(), outcome)
             results.append(FitResult(job, error=f"task crashed: {outcome!r}"))
     return results
+
+
+def _fit_cost(job: FitJob) -> int:
+    trainer = TRAINERS.get(job.trainer)
+    return trainer.relative_cost if trainer else 0
 
 
 @task(cache_policy=NO_CACHE)

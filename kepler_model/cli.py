@@ -137,11 +137,14 @@ def ingest(
 ) -> None:
     """Fetch Kepler's metrics from Prometheus into the sample store."""
     from flows.ingest import ingest as ingest_flow
-    from storage.prometheus import PrometheusQueryError
+    from storage.prometheus import PrometheusQueryError, PrometheusSource, check_reachable
 
     _configure_logging()
     first, last = parse_time(start), parse_time(end)
     try:
+        # A server that is not there at all is said at once; the flow's retries are for
+        # failures in the middle of a run.
+        check_reachable(PrometheusSource.from_settings(load_settings(prom_server=prometheus)))
         report = ingest_flow(
             prometheus=prometheus,
             db_path=str(db) if db else None,
@@ -172,6 +175,41 @@ def _check_training_input(input: Path | None, db: Path | None, idle: Path | None
         raise typer.BadParameter("an idle dump goes with --input", param_hint="--idle")
 
 
+def _check_training_choices(
+    pipeline: str,
+    energy_source: str,
+    trainers: dict[str, list[str] | None],
+    isolator: str,
+    idle: Path | None,
+    input: Path | None,
+) -> None:
+    """Refuse names the flow would refuse, before Prefect and the data are loaded."""
+    from modelling.isolate import UnknownIsolatorError, isolator_class_name, needs_idle_profile
+    from modelling.trainers import TRAINERS
+    from modelling.vocabulary import UnknownSourceError, normalise_source
+    from storage.pipelines import PipelineNameError, check_pipeline_name
+
+    try:
+        check_pipeline_name(pipeline)
+    except PipelineNameError as error:
+        raise typer.BadParameter(str(error), param_hint="--pipeline") from None
+    try:
+        normalise_source(energy_source)
+    except UnknownSourceError as error:
+        raise typer.BadParameter(str(error), param_hint="--energy-source") from None
+    for option, names in trainers.items():
+        unknown = [name for name in names or () if name not in TRAINERS]
+        if unknown:
+            known = ", ".join(TRAINERS)
+            raise typer.BadParameter(f"unknown {unknown}; known: {known}", param_hint=option)
+    try:
+        isolator_class_name(isolator)
+    except UnknownIsolatorError as error:
+        raise typer.BadParameter(str(error), param_hint="--isolator") from None
+    if input is not None and idle is None and needs_idle_profile(isolator):
+        raise typer.BadParameter(f"{isolator} needs an idle run", param_hint="--idle")
+
+
 @app.command()
 def train(
     input: Annotated[
@@ -199,27 +237,34 @@ def train(
     """Train on a dump (--input), or on all the sample store holds (--db alone), and publish."""
     _configure_logging()
     _check_training_input(input, db, idle)
+    abs_names, dyn_names = _split(abs_trainers), _split(dyn_trainers)
+    choices = {"--abs-trainers": abs_names, "--dyn-trainers": dyn_names}
+    _check_training_choices(pipeline, energy_source, choices, isolator, idle, input)
     spec = read_machine_spec_option(machine_spec, input)
     settings = load_settings(model_path=model_path, duckdb_path=db)
     started = time.perf_counter()
-    abs_names, dyn_names = _split(abs_trainers), _split(dyn_trainers)
-    if input is None:
-        report = run_store_training(
-            settings, pipeline, energy_source, abs_names, dyn_names, isolator, node_type
-        )
-    else:
-        report = run_training(
-            settings,
-            input,
-            pipeline,
-            energy_source,
-            abs_names,
-            dyn_names,
-            isolator,
-            idle,
-            node_type,
-            machine_spec=spec,
-        )
+    try:
+        if input is None:
+            report = run_store_training(
+                settings, pipeline, energy_source, abs_names, dyn_names, isolator, node_type
+            )
+        else:
+            report = run_training(
+                settings,
+                input,
+                pipeline,
+                energy_source,
+                abs_names,
+                dyn_names,
+                isolator,
+                idle,
+                node_type,
+                machine_spec=spec,
+            )
+    except (ValueError, OSError) as error:
+        # Malformed dumps, idle runs and stores; the flow run's log holds the details.
+        typer.echo(f"training failed: {error}", err=True)
+        raise typer.Exit(1) from None
     print_report(report)
     typer.echo(f"trained in {time.perf_counter() - started:.1f} s")
 
@@ -295,10 +340,14 @@ def up(
     retrain: Annotated[bool, typer.Option(help="train even when models exist")] = False,
 ) -> None:
     """The main job: train on the bundled real dump unless models exist, then serve all."""
-    from kepler_model.up import run_up
+    from kepler_model.up import AddressInUseError, run_up
 
     _configure_logging()
-    run_up(load_settings(model_path=model_path, duckdb_path=db), retrain=retrain)
+    try:
+        run_up(load_settings(model_path=model_path, duckdb_path=db), retrain=retrain)
+    except AddressInUseError as error:
+        typer.echo(f"cannot start: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def read_machine_spec_option(path: Path | None, input: Path | None) -> dict[str, Any] | None:

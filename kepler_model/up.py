@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import uvicorn
 
-from estimator.server import EstimatorServer
+from estimator.server import EstimatorServer, SocketInUseError, remove_stale_socket
 from kepler_model.settings import Settings
 from serving.model_server import create_app
 from serving.train_api import create_train_app
@@ -31,6 +32,28 @@ BUNDLED_DUMP = "kepler_workload_2023.json.gz"
 def bundled_dump() -> Path:
     """The real 2023 Kepler workload dump shipped with the package."""
     return Path(str(resources.files("kepler_model") / "data" / BUNDLED_DUMP))
+
+
+class AddressInUseError(OSError):
+    """A port or socket that ``up`` would serve on is taken by another process."""
+
+
+def check_addresses_free(settings: Settings) -> None:
+    """Refuse to start, before training, when another process holds a port or the socket."""
+    for name, host, port in (
+        ("model server", settings.model_server_host, settings.model_server_port),
+        ("train API", settings.train_api_host, settings.train_api_port),
+    ):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise AddressInUseError(f"{name} port {host}:{port}: {error.strerror}") from None
+    try:
+        remove_stale_socket(settings.estimator_socket)
+    except (SocketInUseError, FileExistsError) as error:
+        raise AddressInUseError(f"estimator socket: {error}") from None
 
 
 class SharedSignalServer(uvicorn.Server):
@@ -76,6 +99,7 @@ async def serve_all(settings: Settings) -> None:
         )
     )
     estimator = EstimatorServer(settings)
+    await estimator.start()  # a taken socket fails here, before the HTTP servers start
 
     def stop_all() -> None:
         logger.info("stopping the model server, the train API and the estimator")
@@ -98,5 +122,6 @@ async def serve_all(settings: Settings) -> None:
 
 
 def run_up(settings: Settings, retrain: bool = False) -> None:
+    check_addresses_free(settings)
     ensure_models(settings, retrain)
     asyncio.run(serve_all(settings))

@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -354,6 +354,13 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
 
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    logger.info(
+        "%s %s: the client left before sending its whole body", request.method, request.url.path
+    )
+    return Response(status_code=400)
+
+
 async def on_server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal server error"}, 500)
 
@@ -368,6 +375,7 @@ def exception_handlers() -> dict[Any, Callable[[Request, Exception], Any]]:
         ModelNotFoundError: on_unknown_model,
         ModelFileMissingError: on_missing_file,
         HTTPException: on_http_error,
+        ClientDisconnect: on_client_gone,
         500: on_server_error,
     }
 

@@ -21,10 +21,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
 )
 
 from modelling.machine_spec import MachineSpec as ParsedMachineSpec
-from modelling.vocabulary import DEFAULT_SOURCE, OutputType, normalise_source
+from modelling.vocabulary import DEFAULT_SOURCE, FEATURE_GROUPS, OutputType, normalise_source
 from storage.catalogue import ModelQuery
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -181,8 +182,16 @@ class BestModelsQuery(BaseModel):
     energy_source: str = Field(default=DEFAULT_SOURCE, alias="energy-source")
     output_type: OutputType | None = Field(default=None, alias="output-type")
     feature_group: str | None = Field(default=None, alias="feature-group")
-    node_type: int | None = Field(default=None, alias="node-type", ge=-1)
+    node_type: int | None = Field(default=None, alias="node-type", ge=-1, le=MAX_NODE_TYPE)
     filter: str = ""
+
+    @field_validator("feature_group")
+    @classmethod
+    def known_group(cls, group: str | None) -> str | None:
+        known = (*FEATURE_GROUPS, "ThirdParty")
+        if group is not None and group not in known:
+            raise ValueError(f"unknown feature group {group!r}; known: {', '.join(known)}")
+        return group
 
     @property
     def source(self) -> str:

@@ -25,7 +25,7 @@ from typing import IO, Any
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,6 +44,10 @@ INFLATE_BLOCK = 1 << 20
 
 class BodyTooLargeError(TrainRequestError):
     status = 413
+
+
+class UnsupportedEncodingError(TrainRequestError):
+    status = 415
 
 
 class PipelineBusyError(TrainRequestError):
@@ -99,7 +103,10 @@ class BodyWriter:
 
 async def receive_body(request: Request, target: Path, limit: int) -> None:
     """Stream the body to ``target``, gunzipping when asked, refusing more than ``limit``."""
-    gzipped = request.headers.get("content-encoding", "").lower() == "gzip"
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise UnsupportedEncodingError(f"Content-Encoding {encoding!r}: send gzip or plain JSON")
+    gzipped = encoding == "gzip"
     declared = request.headers.get("content-length", "")
     if not gzipped and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError(f"body of {declared} bytes is larger than {limit} bytes")
@@ -190,6 +197,11 @@ async def on_request_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
 
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    logger.info("POST /train: the client left before sending its whole body")
+    return Response(status_code=400)
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
@@ -211,7 +223,11 @@ def create_train_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[Route("/train", train, methods=["POST"]), Route("/healthz", healthz)],
         lifespan=lifespan,
-        exception_handlers={TrainRequestError: on_request_error, HTTPException: on_http_error},
+        exception_handlers={
+            TrainRequestError: on_request_error,
+            HTTPException: on_http_error,
+            ClientDisconnect: on_client_gone,
+        },
     )
     app.state.settings = settings
     app.state.locks = {}

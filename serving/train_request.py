@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flows.train_and_publish import DEFAULT_TRAINERS
 from modelling.isolate import UnknownIsolatorError, isolator_class_name
@@ -88,6 +95,12 @@ class TrainerSpec(BaseModel):
         if "profile" in args and not isinstance(args["profile"], dict):
             raise ValueError("profile is the idle profile's JSON object, not a path")
         return args
+
+    @model_validator(mode="after")
+    def some_trainer(self) -> TrainerSpec:
+        if not self.abs_trainers and not self.dyn_trainers:
+            raise ValueError("abs_trainers and dyn_trainers are both empty: nothing to train")
+        return self
 
     @field_validator("idle_prom_response", mode="before")
     @classmethod

@@ -103,6 +103,18 @@ class PrometheusSource:
         )
 
 
+def check_reachable(source: PrometheusSource) -> None:
+    """One request to the server's root, without retries; raises PrometheusQueryError when
+    nothing answers there or the answer is an error."""
+    with requests.Session() as session:
+        try:
+            answered = source.connect(session).check_prometheus_connection()
+        except requests.RequestException as error:
+            raise PrometheusQueryError(f"{source.url} does not answer: {error}") from None
+    if not answered:
+        raise PrometheusQueryError(f"{source.url} answers with an error status")
+
+
 def training_metrics(thirdparty: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every metric name the extraction reads, under the names any Kepler version exports."""
     features = [feature_metric(f) for f in WORKLOAD_FEATURES]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -346,6 +347,27 @@ def test_trainer_name_selects_the_model(
             np.testing.assert_allclose(values, expected[component], atol=5e-4)
 
 
+def test_a_row_without_activity_draws_no_dynamic_power_from_any_model(
+    estimator: Path, workload: Workload, models: dict[Any, PowerModel]
+) -> None:
+    busy = workload.container_x[:2]
+    rows = np.vstack([busy, np.zeros(len(FEATURES))])
+    model = models[("GradientBoostingRegressorTrainer", "DynPower")]
+    assert any(watts[0] > 0 for watts in model.predict(np.zeros((1, len(FEATURES)))).values())
+
+    dynamic = ask(estimator, request(rows, trainer_name=model.metadata["trainer"]))
+    absolute = ask(
+        estimator,
+        request(rows, trainer_name="GradientBoostingRegressorTrainer", output_type="AbsPower"),
+    )
+
+    expected = model.predict(busy)
+    for component, watts in dynamic["powers"].items():
+        np.testing.assert_allclose(watts[:2], expected[component], atol=5e-4)
+        assert watts[2] == 0
+    assert absolute["powers"]["package"][2] > 0  # idle power stays in AbsPower
+
+
 # Framing: where a request ends.
 
 
@@ -487,6 +509,13 @@ def test_missing_features_are_named(estimator: Path) -> None:
     reply = ask(estimator, request([[1.0, 2.0]], metrics=("cache_miss", "bpf_cpu_time_ms")))
 
     assert "CounterOnly lacks cpu_cycles, cpu_instructions" in reply["msg"]
+
+
+def test_an_empty_metric_list_is_called_so(estimator: Path) -> None:
+    reply = ask(estimator, request([[]], metrics=()))
+
+    assert reply["powers"] == {}
+    assert "covers an empty metric list: CounterOnly lacks" in reply["msg"]
 
 
 def test_truncated_request_gets_an_error_reply(estimator: Path, workload: Workload) -> None:
@@ -799,6 +828,21 @@ def test_boosted_trees_walked_together_predict_what_the_model_predicts(
     expected, walked = model.predict(rows), served.predict(rows)
     for component, watts in expected.items():
         np.testing.assert_allclose(walked[component], watts, rtol=0, atol=1e-9)
+
+
+def test_values_beyond_float32_fall_on_the_high_side_of_every_split_without_warning(
+    models: dict[Any, PowerModel],
+) -> None:
+    model = models[("GradientBoostingRegressorTrainer", "AbsPower")]
+    huge = np.full((2, 3), 1e308)
+    served = ServingModel.of(model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        walked = served.predict(huge)
+    highest = served.predict(np.full((1, 3), np.inf))
+    for component, watts in walked.items():
+        np.testing.assert_array_equal(watts, np.repeat(highest[component], 2))
 
 
 def test_trees_deeper_than_the_forest_takes_keep_their_own_walk(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import socket
 import time
 import zipfile
 from collections.abc import Iterator
@@ -302,6 +304,25 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_stays_up(
     assert client.get("/healthz").status_code == 200
 
 
+def test_a_client_leaving_mid_body_is_logged_as_such_not_as_a_server_error(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = client.base_url.host, client.base_url.port
+    head = f"POST /model HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    caplog.set_level(logging.INFO)
+    with socket.create_connection((host, port)) as raw:
+        raw.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"a": 1}')
+        raw.shutdown(socket.SHUT_WR)
+        raw.recv(1024)
+    deadline = time.monotonic() + 5
+    while "left before sending" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert "the client left before sending its whole body" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert client.get("/healthz").status_code == 200
+
+
 def test_best_models_names_the_best_model_per_output_type_and_group(
     client: httpx.Client,
 ) -> None:
@@ -325,7 +346,13 @@ def test_best_models_filter_and_output_type_narrow_the_answer(client: httpx.Clie
 
 @pytest.mark.parametrize(
     ("params", "status"),
-    [({"node-type": "x"}, 422), ({"output-type": "Watts"}, 422), ({"energy-source": "x"}, 400)],
+    [
+        ({"node-type": "x"}, 422),
+        ({"node-type": "99999999999999999999"}, 422),
+        ({"output-type": "Watts"}, 422),
+        ({"feature-group": "Nope"}, 422),
+        ({"energy-source": "x"}, 400),
+    ],
 )
 def test_best_models_refuses_bad_parameters(
     client: httpx.Client, params: dict[str, str], status: int

@@ -168,6 +168,29 @@ BAD_REQUESTS = [
         "name",
     ),
     (
+        "no trainer at all",
+        request_body(
+            name="x", prom_response=DUMP, trainer={"abs_trainers": [], "dyn_trainers": []}
+        ),
+        {},
+        422,
+        "nothing to train",
+    ),
+    (
+        "an encoding other than gzip",
+        request_body(name="x", prom_response=DUMP),
+        {"Content-Encoding": "br"},
+        415,
+        "'br'",
+    ),
+    (
+        "dump of series without samples",
+        request_body(name="x", prom_response={"kepler_node_info": []}),
+        {},
+        400,
+        "prom_response: the dump holds no samples",
+    ),
+    (
         "malformed dump",
         json.dumps({"name": "x", "prom_response": {"kepler_node_info": [{"values": 3}]}}).encode(),
         {},

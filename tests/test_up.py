@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import psutil
+from typer.testing import CliRunner
 
+from kepler_model.cli import app
 from tests.conftest import free_port
 
 GO_CLIENT_BODY = {
@@ -100,3 +102,32 @@ def test_up_trains_on_the_bundled_dump_serves_everything_and_stops_on_ctrl_c(
     assert children, "expected the temporary Prefect API server as a child process"
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[c.cmdline() for c in alive]}"
+
+
+def test_up_refuses_to_start_when_its_port_or_socket_is_taken(tmp_path: Path) -> None:
+    sock = tmp_path / "estimator.sock"
+    settings = {
+        "MODEL_SERVER_HOST": "127.0.0.1",
+        "MODEL_SERVER_PORT": str(free_port()),
+        "TRAIN_API_HOST": "127.0.0.1",
+        "TRAIN_API_PORT": str(free_port()),
+        "ESTIMATOR_SOCKET": str(sock),
+        "CONFIG_PATH": str(tmp_path / "no-config"),
+        "MODEL_PATH": str(tmp_path / "models"),
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(settings["TRAIN_API_PORT"])))
+        taken.listen()
+        result = CliRunner().invoke(app, ["up"], env=settings)
+    assert result.exit_code == 1
+    assert f"cannot start: train API port 127.0.0.1:{settings['TRAIN_API_PORT']}" in result.output
+
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+        result = CliRunner().invoke(app, ["up"], env=settings)
+    assert result.exit_code == 1
+    assert f"cannot start: estimator socket: another process is listening on {sock}" in (
+        result.output
+    )
+    assert not (tmp_path / "models").exists()  # refused before training

@@ -28,6 +28,9 @@ class Trainer(ABC):
     model_class: ClassVar[str]
     curve: ClassVar[str | None] = None
     honours_through_origin: ClassVar[bool] = False
+    # Rough fit time against a linear fit's; the fan-out starts the costliest fits first so
+    # that no long fit is left running alone at the end.
+    relative_cost: ClassVar[int] = 1
 
     @abstractmethod
     def fit_component(

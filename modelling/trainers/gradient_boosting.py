@@ -19,6 +19,7 @@ class GradientBoostingRegressorTrainer(Trainer):
 
     name = "GradientBoostingRegressorTrainer"
     model_class = "scikit"
+    relative_cost = 10
 
     def __init__(
         self, n_estimators: int = 100, max_depth: int = 3, learning_rate: float = 0.1

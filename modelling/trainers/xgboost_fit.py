@@ -21,6 +21,7 @@ class XgboostFitTrainer(Trainer):
 
     name = "XgboostFitTrainer"
     model_class = "xgboost"
+    relative_cost = 5
 
     def __init__(
         self,
