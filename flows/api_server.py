@@ -8,7 +8,6 @@ itself when it shuts down; otherwise the API server outlives it.
 
 from __future__ import annotations
 
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL
 
 
@@ -17,4 +16,7 @@ def stop_temporary_api_server() -> None:
     left alone."""
     if PREFECT_API_URL.value():
         return
+    # Imported here: the server's modules cost some 60 MiB in a process that never runs one.
+    from prefect.server.api.server import SubprocessASGIServer
+
     SubprocessASGIServer().stop()
