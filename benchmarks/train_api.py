@@ -54,6 +54,7 @@ EXPECTED_MODELS = len(TRAINERS) * 2 * 2
 @dataclass(frozen=True)
 class Measurement:
     seconds: float
+    before_mib: float
     peak_mib: float
     models: int
 
@@ -146,6 +147,7 @@ def reset_peak(pid: int) -> None:
 
 def train_once(url: str, pid: int, body: bytes) -> Measurement:
     reset_peak(pid)
+    before = status_mib(pid, "VmRSS")
     started = time.perf_counter()
     reply = httpx.post(
         f"{url}/train", content=body, headers={"Content-Type": "application/json"}, timeout=600
@@ -155,7 +157,7 @@ def train_once(url: str, pid: int, body: bytes) -> Measurement:
         raise SystemExit(f"POST /train answered {reply.status_code}: {reply.text[:500]}")
     with zipfile.ZipFile(io.BytesIO(reply.content)) as pipeline:
         models = sum(1 for n in pipeline.namelist() if n.endswith(".zip"))
-    return Measurement(seconds, status_mib(pid, "VmHWM"), models)
+    return Measurement(seconds, before, status_mib(pid, "VmHWM"), models)
 
 
 def main() -> None:
@@ -193,9 +195,15 @@ def report(
     seconds = [m.seconds for m in timed]
     print(f"request: {body_bytes / 1e6:.1f} MB of JSON, {EXPECTED_MODELS} models expected")
     print(f"task runner: {runner}; models in each reply: {sorted({m.models for m in timed})}")
-    print(f"first request (warms the server): {first.seconds:.2f} s, peak {first.peak_mib:.0f} MiB")
+    print(
+        f"first request (warms the server): {first.seconds:.2f} s, resident before "
+        f"{first.before_mib:.0f} MiB, peak {first.peak_mib:.0f} MiB"
+    )
     for number, m in enumerate(timed, start=1):
-        print(f"request {number}: {m.seconds:.2f} s, peak {m.peak_mib:.0f} MiB")
+        print(
+            f"request {number}: {m.seconds:.2f} s, resident before {m.before_mib:.0f} MiB, "
+            f"peak {m.peak_mib:.0f} MiB (+{m.peak_mib - m.before_mib:.0f})"
+        )
     print(
         f"wall time per request: median {statistics.median(seconds):.2f} s, "
         f"best {min(seconds):.2f} s, worst {max(seconds):.2f} s (old: 7 to 9.6 s)"
