@@ -15,8 +15,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import TrainingReport, extract_features, ingest_dump, load_samples
+from flows.tasks import TrainingReport, extract_features, ingest_dump
 from flows.train_and_publish import DEFAULT_TRAINERS, TrainingPlan, train_and_publish
+from kepler_model.settings import load_settings
 from modelling.isolate import isolator_class_name
 from modelling.vocabulary import normalise_source
 
@@ -31,8 +32,8 @@ def offline_training(
     isolator: str = "MinIdleIsolator",
     isolator_args: dict[str, Any] | None = None,
     idle: str | None = None,
-    model_path: str = "./models",
-    db_path: str = "./data/kepler.duckdb",
+    model_path: str | None = None,
+    db_path: str | None = None,
     node_type: int = 0,
     machine_spec: dict[str, Any] | None = None,
     thirdparty_metrics: list[str] | None = None,
@@ -45,10 +46,13 @@ def offline_training(
     types by its ``members``; instances it does not list are of ``node_type``. The best model
     per feature group, output type and node type is the one lowest in ``error_key``.
     """
+    # Left out, the stores are the settings' (MODEL_PATH, DUCKDB_PATH), as a worker has them.
+    settings = load_settings(model_path=model_path, duckdb_path=db_path)
+    db = settings.duckdb_path
     source = normalise_source(energy_source)
     plan = TrainingPlan(
         pipeline=pipeline,
-        model_path=Path(model_path),
+        model_path=settings.model_path,
         abs_trainers=DEFAULT_TRAINERS if abs_trainers is None else abs_trainers,
         dyn_trainers=DEFAULT_TRAINERS if dyn_trainers is None else dyn_trainers,
         isolator=isolator_class_name(isolator),
@@ -61,13 +65,13 @@ def offline_training(
     )
     report = TrainingReport(pipeline=pipeline)
 
-    loads = [ingest_dump(Path(db_path), Path(input))]
+    load, samples = ingest_dump(db, Path(input))
+    report.loads = [asdict(load)]
     if idle:
-        loads.append(ingest_dump(Path(db_path), Path(idle)))
-    report.loads = [asdict(load) for load, _, _ in loads]
-    _, start, end = loads[0]
+        idle_load, _ = ingest_dump(db, Path(idle))
+        report.loads.append(asdict(idle_load))
+    start, end = float(samples["timestamp"].min()), float(samples["timestamp"].max())  # type: ignore[arg-type]
 
-    samples = load_samples(Path(db_path), start, end)
     extraction = extract_features(samples, source, tuple(thirdparty_metrics or ()))
     train_and_publish(plan, extraction, report, {"data_window": {"start": start, "end": end}})
     return asdict(report)

@@ -87,8 +87,12 @@ class TrainingReport:
 
 
 @task(cache_policy=NO_CACHE)
-def ingest_dump(db_path: Path, dump_path: Path) -> tuple[LoadResult, float, float]:
-    """Store a saved Prometheus dump; returns the load and the dump's time range."""
+def ingest_dump(db_path: Path, dump_path: Path) -> tuple[LoadResult, pl.DataFrame]:
+    """Store a saved Prometheus dump; returns the load and the dump's samples.
+
+    Training goes on with the dump's own samples: where the store already held a sample of
+    the same series and time, it keeps that one, and a corrected dump must not lose to it.
+    """
     frame = read_dump(dump_path)
     if frame.is_empty():
         raise DumpFormatError("the dump holds no samples")
@@ -100,7 +104,7 @@ def ingest_dump(db_path: Path, dump_path: Path) -> tuple[LoadResult, float, floa
         result.samples_seen,
         result.samples_added,
     )
-    return result, float(frame["timestamp"].min()), float(frame["timestamp"].max())  # type: ignore[arg-type]
+    return result, frame
 
 
 @task(cache_policy=NO_CACHE)

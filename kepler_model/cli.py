@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -44,6 +46,7 @@ def run_training(
     idle: Path | None = None,
     node_type: int = 0,
     machine_spec: dict[str, Any] | None = None,
+    isolator_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the offline-training flow on the configured task runner; returns its report."""
     from flows.offline_training import offline_training
@@ -57,6 +60,7 @@ def run_training(
         abs_trainers=abs_trainers,
         dyn_trainers=dyn_trainers,
         isolator=isolator,
+        isolator_args=isolator_args,
         idle=str(idle) if idle else None,
         model_path=str(settings.model_path),
         db_path=str(settings.duckdb_path),
@@ -69,6 +73,8 @@ def run_training(
 
 def print_report(report: dict[str, Any]) -> None:
     typer.echo(f"pipeline {report['pipeline']} version {report['version']} at {report['path']}")
+    # A model's MAE and MAPE are those of its worst component (SPEC section 4).
+    typer.echo("MAE and MAPE: the worst component's, on the latest 20% of the time range")
     typer.echo(f"{'output':9} {'group':20} {'trainer':34} {'MAE (W)':>9} {'MAPE %':>8}")
     for row in sorted(report["models"], key=lambda m: (m["output_type"], m["feature_group"])):
         typer.echo(
@@ -182,6 +188,7 @@ def _check_training_choices(
     isolator: str,
     idle: Path | None,
     input: Path | None,
+    profile: Path | None = None,
 ) -> None:
     """Refuse names the flow would refuse, before Prefect and the data are loaded."""
     from modelling.isolate import UnknownIsolatorError, isolator_class_name, needs_idle_profile
@@ -206,8 +213,11 @@ def _check_training_choices(
         isolator_class_name(isolator)
     except UnknownIsolatorError as error:
         raise typer.BadParameter(str(error), param_hint="--isolator") from None
-    if input is not None and idle is None and needs_idle_profile(isolator):
-        raise typer.BadParameter(f"{isolator} needs an idle run", param_hint="--idle")
+    if input is not None and idle is None and profile is None and needs_idle_profile(isolator):
+        raise typer.BadParameter(f"{isolator} needs an idle run", param_hint="--idle or --profile")
+    for option, path in (("--idle", idle), ("--profile", profile)):
+        if path is not None and not path.exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=option)
 
 
 @app.command()
@@ -226,6 +236,10 @@ def train(
     ] = None,
     isolator: Annotated[str, typer.Option(help="isolator for DynPower")] = "MinIdleIsolator",
     idle: Annotated[Path | None, typer.Option(help="dump of an idle run")] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="idle profile from `kepler-model profile` (its folder), for --idle"),
+    ] = None,
     node_type: Annotated[int, typer.Option(help="node type of the data's machine")] = 0,
     machine_spec: Annotated[
         Path | None,
@@ -239,7 +253,7 @@ def train(
     _check_training_input(input, db, idle)
     abs_names, dyn_names = _split(abs_trainers), _split(dyn_trainers)
     choices = {"--abs-trainers": abs_names, "--dyn-trainers": dyn_names}
-    _check_training_choices(pipeline, energy_source, choices, isolator, idle, input)
+    _check_training_choices(pipeline, energy_source, choices, isolator, idle, input, profile)
     spec = read_machine_spec_option(machine_spec, input)
     settings = load_settings(model_path=model_path, duckdb_path=db)
     started = time.perf_counter()
@@ -260,6 +274,7 @@ def train(
                 idle,
                 node_type,
                 machine_spec=spec,
+                isolator_args={"profile": str(profile)} if profile else None,
             )
     except (ValueError, OSError) as error:
         # Malformed dumps, idle runs and stores; the flow run's log holds the details.
@@ -267,6 +282,9 @@ def train(
         raise typer.Exit(1) from None
     print_report(report)
     typer.echo(f"trained in {time.perf_counter() - started:.1f} s")
+    if not report["path"]:
+        typer.echo("no model could be trained from this data; nothing was published", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -308,10 +326,14 @@ def estimator(
     model_path: Annotated[Path | None, typer.Option(help="MODEL_PATH override")] = None,
 ) -> None:
     """Answer Kepler's power requests on a Unix socket."""
-    from estimator.server import run_estimator
+    from estimator.server import SocketInUseError, run_estimator
 
     _configure_logging()
-    run_estimator(load_settings(estimator_socket=socket, model_path=model_path))
+    try:
+        run_estimator(load_settings(estimator_socket=socket, model_path=model_path))
+    except (SocketInUseError, FileExistsError) as error:
+        typer.echo(f"cannot start: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -470,7 +492,14 @@ def config() -> None:
     typer.echo(json.dumps(load_settings().model_dump(mode="json"), indent=2))
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Exiting (rather than dying of the signal) runs the atexit hook that stops Prefect's
+    # temporary API server; the servers replace this handler with their own.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Prefect's temporary API server reports usage at start; offline, as clusters that run
     # Kepler often are, that fails with an error line on every start. PREFECT_* still rules.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -219,6 +219,19 @@ def subtract_background(
     """Node power minus the background columns (joined on the columns they share), at least 0."""
     keys = [c for c in background.columns if c in summed.columns]
     joined = summed.join(background, on=keys, how="left")
+    below = joined.select(
+        (pl.col(power_column(c)) < pl.col(_background(c)).fill_null(0.0)).sum().alias(c)
+        for c in components
+    ).row(0, named=True)
+    for component, rows in below.items():
+        if rows:
+            logger.warning(
+                "%d of %d rows draw less %s power than the background; their dynamic power "
+                "is 0 W (is the idle run from the same kind of machine?)",
+                rows,
+                joined.height,
+                component,
+            )
     return joined.with_columns(
         (pl.col(power_column(c)) - pl.col(_background(c)).fill_null(0.0)).clip(0.0)
         for c in components

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,17 @@ def test_profile_isolator_drops_background_usage_and_subtracts_idle_power() -> N
     # 30 W at 6 s is below the 40 W idle: clipped at 0, never negative.
     assert result["package_power"].to_list() == [60.0, 0.0, 20.0]
     assert result["dram_power"].to_list() == [5.0, 0.0, 1.0]
+
+
+def test_rows_below_the_idle_power_are_counted_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="modelling.isolate"):
+        ProfileBackgroundIsolator(profile=PROFILE, node_type=0).isolate(
+            CONTAINERS, FEATURES, COMPONENTS
+        )
+
+    assert "1 of 3 rows draw less package power than the background" in caplog.text
 
 
 def test_a_restarted_background_container_is_still_background() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import zipfile
 from pathlib import Path
@@ -168,6 +169,29 @@ def test_training_again_ingests_nothing_new_and_publishes_a_new_version(
     assert (carried / "GradientBoostingRegressorTrainer_0.zip").is_file()
 
 
+def test_a_dump_trains_on_its_own_samples_not_on_those_the_store_kept(
+    tmp_path: Path, workload_dump: Path, prefect_harness: None
+) -> None:
+    """The store keeps the first value of a sample; a later dump of the same series and times
+    with other values (here every container counter unreadable) is trained on as it is."""
+    with gzip.open(workload_dump) as handle:
+        dump = json.load(handle)
+    for metric, result in dump.items():
+        if metric.startswith("kepler_container_"):
+            for series in result:
+                series["values"] = [[t, "NaN"] for t, _ in series["values"]]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(dump))
+    stores = {"model_path": str(tmp_path / "models"), "db_path": str(tmp_path / "k.duckdb")}
+    offline_training(input=str(workload_dump), pipeline="first", abs_trainers=SGD, **stores)
+
+    report = offline_training(input=str(broken), pipeline="second", abs_trainers=SGD, **stores)
+
+    assert report["loads"][0]["samples_added"] == 0  # the store had every one of them
+    assert report["models"] == [] and not report["path"]
+    assert "CounterOnly" in report["skipped_groups"]
+
+
 SGD = ["SGDRegressorTrainer"]
 XEON = {
     "processor": "Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz",
@@ -241,3 +265,18 @@ def test_profile_isolator_without_an_idle_run_fails_with_a_reason(
             db_path=str(tmp_path / "db.duckdb"),
         )
     assert not (tmp_path / "models" / "no-idle").exists()
+
+
+def test_stores_left_out_are_those_of_the_settings(
+    tmp_path: Path, workload_dump: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a deployment runs it on a worker: MODEL_PATH and DUCKDB_PATH from its environment."""
+    monkeypatch.setenv("CONFIG_PATH", str(tmp_path / "no-config"))
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "worker-models"))
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "worker.duckdb"))
+
+    report = offline_training(input=str(workload_dump), pipeline="from-env", abs_trainers=SGD)
+
+    assert Path(report["path"]).is_relative_to(tmp_path / "worker-models")
+    with SampleStore(tmp_path / "worker.duckdb") as store:
+        assert store.count_samples() > 0
