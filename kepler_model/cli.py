@@ -26,6 +26,18 @@ def _split(names: str | None) -> list[str] | None:
     return [n.strip() for n in names.split(",") if n.strip()] if names else None
 
 
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_sigterm() -> None:
+    """For the commands that run a flow in this process: SIGTERM exits, rather than kills, so
+    that the atexit hook stopping Prefect's temporary API server runs. The servers handle
+    their signals themselves (uvicorn re-raises them after shutting down; see
+    flows/api_server.py)."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+
 def _configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -146,6 +158,7 @@ def ingest(
     from storage.prometheus import PrometheusQueryError, PrometheusSource, check_reachable
 
     _configure_logging()
+    _exit_on_sigterm()
     first, last = parse_time(start), parse_time(end)
     try:
         # A server that is not there at all is said at once; the flow's retries are for
@@ -250,6 +263,7 @@ def train(
 ) -> None:
     """Train on a dump (--input), or on all the sample store holds (--db alone), and publish."""
     _configure_logging()
+    _exit_on_sigterm()
     _check_training_input(input, db, idle)
     abs_names, dyn_names = _split(abs_trainers), _split(dyn_trainers)
     choices = {"--abs-trainers": abs_names, "--dyn-trainers": dyn_names}
@@ -407,6 +421,7 @@ def profile(
     from flows.profile import profile as profile_flow
 
     _configure_logging()
+    _exit_on_sigterm()
     if not input.is_file():
         raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
     result = profile_flow(input=str(input), output=str(output), node_type=node_type)
@@ -492,14 +507,7 @@ def config() -> None:
     typer.echo(json.dumps(load_settings().model_dump(mode="json"), indent=2))
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Exiting (rather than dying of the signal) runs the atexit hook that stops Prefect's
-    # temporary API server; the servers replace this handler with their own.
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Prefect's temporary API server reports usage at start; offline, as clusters that run
     # Kepler often are, that fails with an error line on every start. PREFECT_* still rules.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -22,10 +22,17 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from modelling.machine_spec import MachineSpec as ParsedMachineSpec
-from modelling.vocabulary import DEFAULT_SOURCE, FEATURE_GROUPS, OutputType, normalise_source
+from modelling.vocabulary import (
+    DEFAULT_SOURCE,
+    FEATURE_GROUPS,
+    WEIGHT_TRAINERS,
+    OutputType,
+    normalise_source,
+)
 from storage.catalogue import ModelQuery
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -138,6 +145,17 @@ class ModelRequest(BaseModel):
     loose_node_type: StrictBool = True
 
     _ignored: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def weights_exist_for_the_trainer(self) -> ModelRequest:
+        # Only the four weight-capable trainers publish weight JSON; asking another one for
+        # weights can never be answered, whatever is published.
+        if self.weight and self.trainer_name and self.trainer_name not in WEIGHT_TRAINERS:
+            raise ValueError(
+                f"{self.trainer_name} publishes no weight JSON; ask for its archive "
+                f"(weight: false) or for one of {', '.join(sorted(WEIGHT_TRAINERS))}"
+            )
+        return self
 
     @classmethod
     def from_document(cls, document: Any) -> ModelRequest:

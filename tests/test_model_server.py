@@ -280,8 +280,8 @@ BAD_REQUESTS = [
     (
         "trainer without weights",
         {**GO_REQUEST, "trainer_name": "GradientBoostingRegressorTrainer"},
-        404,
-        "no published",
+        422,
+        "GradientBoostingRegressorTrainer publishes no weight JSON",
     ),
     ("filter excludes every model", {**GO_REQUEST, "filter": "mae:0"}, 404, "no published"),
 ]
