@@ -85,8 +85,11 @@ def run_training(
 
 def print_report(report: dict[str, Any]) -> None:
     typer.echo(f"pipeline {report['pipeline']} version {report['version']} at {report['path']}")
-    # A model's MAE and MAPE are those of its worst component (SPEC section 4).
-    typer.echo("MAE and MAPE: the worst component's, on the latest 20% of the time range")
+    from modelling.training import HOLDOUT_FRACTION
+
+    typer.echo(
+        f"MAE and MAPE: the worst component's, on the latest {HOLDOUT_FRACTION:.0%} of the data"
+    )
     typer.echo(f"{'output':9} {'group':20} {'trainer':34} {'MAE (W)':>9} {'MAPE %':>8}")
     for row in sorted(report["models"], key=lambda m: (m["output_type"], m["feature_group"])):
         typer.echo(
@@ -228,6 +231,8 @@ def _check_training_choices(
         raise typer.BadParameter(str(error), param_hint="--isolator") from None
     if input is not None and idle is None and profile is None and needs_idle_profile(isolator):
         raise typer.BadParameter(f"{isolator} needs an idle run", param_hint="--idle or --profile")
+    if input is None and profile is not None:
+        raise typer.BadParameter("an idle profile goes with --input", param_hint="--profile")
     for option, path in (("--idle", idle), ("--profile", profile)):
         if path is not None and not path.exists():
             raise typer.BadParameter(f"{path} does not exist", param_hint=option)
