@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow
 
 from flows.tasks import TrainingReport, extract_features, ingest_dump
-from flows.train_and_publish import DEFAULT_TRAINERS, TrainingPlan, train_and_publish
+from flows.train_and_publish import TrainingPlan, train_and_publish, trainers_or_default
 from kepler_model.settings import load_settings
 from modelling.isolate import isolator_class_name
 from modelling.vocabulary import normalise_source
@@ -53,8 +53,8 @@ def offline_training(
     plan = TrainingPlan(
         pipeline=pipeline,
         model_path=settings.model_path,
-        abs_trainers=DEFAULT_TRAINERS if abs_trainers is None else abs_trainers,
-        dyn_trainers=DEFAULT_TRAINERS if dyn_trainers is None else dyn_trainers,
+        abs_trainers=trainers_or_default(abs_trainers),
+        dyn_trainers=trainers_or_default(dyn_trainers),
         isolator=isolator_class_name(isolator),
         isolator_args=isolator_args or {},
         idle=idle,

@@ -21,7 +21,7 @@ from flows.prometheus_tasks import (
     training_bounds,
 )
 from flows.tasks import TrainingReport, extract_features, load_samples, run_logger
-from flows.train_and_publish import DEFAULT_TRAINERS, TrainingPlan, train_and_publish
+from flows.train_and_publish import TrainingPlan, train_and_publish, trainers_or_default
 from kepler_model.settings import load_settings
 from modelling.isolate import isolator_class_name
 from modelling.vocabulary import normalise_source
@@ -125,8 +125,8 @@ def train_from_store(
     plan = TrainingPlan(
         pipeline=pipeline,
         model_path=Path(model_path),
-        abs_trainers=DEFAULT_TRAINERS if abs_trainers is None else abs_trainers,
-        dyn_trainers=DEFAULT_TRAINERS if dyn_trainers is None else dyn_trainers,
+        abs_trainers=trainers_or_default(abs_trainers),
+        dyn_trainers=trainers_or_default(dyn_trainers),
         isolator=isolator_class_name(isolator),
         isolator_args=isolator_args or {},
         node_type=node_type,

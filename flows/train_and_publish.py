@@ -28,6 +28,11 @@ from modelling.isolate import isolator_name
 DEFAULT_TRAINERS = ["SGDRegressorTrainer", "GradientBoostingRegressorTrainer"]
 
 
+def trainers_or_default(names: list[str] | None) -> list[str]:
+    """The trainers asked for; None (not given) means the defaults, an empty list none."""
+    return list(DEFAULT_TRAINERS) if names is None else names
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     """What to train and where to publish it; the flows' shared parameters."""
